@@ -1,0 +1,8 @@
+"""Placeholder until its issue lands."""
+
+from negkd.errors import UserError
+
+
+def command() -> None:
+    """Not implemented yet."""
+    raise UserError("not implemented yet")
