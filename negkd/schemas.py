@@ -74,9 +74,6 @@ def _require(rec: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
     if missing:
         raise UserError(f"{where}: missing field {', '.join(repr(k) for k in missing)} "
                         f"(read as {fmt} format; pass --format to choose another)")
-    for k in keys:
-        if isinstance(rec[k], str) and not rec[k].strip() and k in ("question", "problem", "Body"):
-            raise UserError(f"{where}: empty {k!r}")
 
 
 def _problem(rec: dict, fmt: str, where: str, lineno: int, stem: str) -> dict:
