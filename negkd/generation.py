@@ -146,7 +146,6 @@ def iter_generate(
         gen_kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
 
     done: dict[int, list[Generation]] = {}
-    need: dict[int, int] = {}
     was_training = model.training
     model.eval()
     try:
@@ -170,7 +169,6 @@ def iter_generate(
                 on_tokens(len(gens), sum(g.n_tokens for g in gens))
             for r, (i, _) in enumerate(call):
                 done.setdefault(i, []).extend(gens[r * k: (r + 1) * k])
-                need[i] = need.get(i, 0) + k
                 if len(done[i]) == n:
                     yield i, done.pop(i)
     finally:
@@ -208,3 +206,69 @@ def _decode(tokenizer, new, eos: set[int]) -> list[Generation]:
         out.append(Generation(text=tokenizer.decode(ids, skip_special_tokens=True), n_tokens=n_tok,
                               finished=finished))
     return out
+
+
+# --------------------------------------------------------------------------- what a model dir is
+
+#: negkd's metadata next to a PEFT adapter / NAT checkpoint (written by the training steps),
+#: then the NAT checkpoint's own config, which carries the same fields
+META_FILES = ("negkd.json", "nat_config.json")
+
+
+def read_meta(path) -> dict:
+    """negkd's metadata of an adapter / NAT checkpoint directory ({} when there is none)."""
+    import json
+    from pathlib import Path
+
+    from negkd.errors import UserError
+
+    p = Path(path)
+    for name in META_FILES:
+        f = p / name
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{f}: not a valid JSON metadata file ({e})") from None
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
+def model_kind(path) -> str:
+    """``"nat"`` (a NAT checkpoint: nat_config.json), ``"adapter"`` (a PEFT adapter dir) or ``"base"``."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    if not p.is_dir():
+        return "base"
+    if (p / "nat_config.json").is_file() or str(read_meta(p).get("kind", "")).lower() == "nat":
+        return "nat"
+    if (p / "adapter_config.json").is_file():
+        return "adapter"
+    return "base"
+
+
+def recorded_base(path) -> str:
+    """The base model an adapter / NAT checkpoint was trained on: the recorded absolute path if it
+    still exists, else the name as given; PEFT's ``base_model_name_or_path`` as a last resort."""
+    import json
+    from pathlib import Path
+
+    from negkd.errors import UserError
+
+    p = Path(path)
+    meta = read_meta(p)
+    local = meta.get("base_model_path")
+    if isinstance(local, str) and Path(local).is_dir():
+        return local
+    if isinstance(meta.get("base_model"), str) and meta["base_model"]:
+        return meta["base_model"]
+    cfg = p / "adapter_config.json"
+    if cfg.is_file():
+        try:
+            base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{cfg}: not valid JSON ({e})") from None
+        if base:
+            return str(base)
+    raise UserError(f"{p}: does not record its base model; pass --model BASE --adapter {p}")

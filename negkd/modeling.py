@@ -53,11 +53,25 @@ def _check_exists(name: str) -> None:
         raise UserError(f"{name}: not a Hugging Face model directory (no config.json)")
 
 
+def quiet_libraries() -> None:
+    """Silence chatter not meant for negkd's users: transformers' weight-loading bars and
+    bitsandbytes' notice about an optional CPU kernel package."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right"):
     """Tokenizer with a pad token (falls back to EOS) and the requested padding side."""
     from transformers import AutoTokenizer
 
-    _check_exists(str(name))
+    quiet_libraries()
+
+    if not (Path(name) / "tokenizer_config.json").is_file():  # adapter/NAT dirs ship a tokenizer, no config.json
+        _check_exists(str(name))
     try:
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -89,17 +103,12 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype) -
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_model(name: str, device: str | Any = "auto", dtype: str = "auto", load_in_4bit: bool = False,
-               load_in_8bit: bool = False, trust_remote_code: bool = False,
-               gradient_checkpointing: bool = False):
-    """Load a causal LM onto one device (each process of a distributed run loads its own copy)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_causal_lm(name: str, trust_remote_code: bool = False):
+    """Fail early (before tokenizers and weights) unless ``name`` is a causal LM; returns its config."""
+    from transformers import AutoConfig
 
     name = str(name)
     _check_exists(name)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     try:
         cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -109,6 +118,22 @@ def load_model(name: str, device: str | Any = "auto", dtype: str = "auto", load_
     if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f"{name}: model type {cfg.model_type!r} is not a causal language model; "
                         "negkd needs a decoder (LLaMA, Qwen2, Mistral, GPT-NeoX, ...)")
+    return cfg
+
+
+def load_model(name: str, device: str | Any = "auto", dtype: str = "auto", load_in_4bit: bool = False,
+               load_in_8bit: bool = False, trust_remote_code: bool = False,
+               gradient_checkpointing: bool = False):
+    """Load a causal LM onto one device (each process of a distributed run loads its own copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_libraries()
+    name = str(name)
+    _check_exists(name)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    check_causal_lm(name, trust_remote_code)
     qcfg = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if qcfg is not None:

@@ -1,0 +1,305 @@
+"""Drive the arithmetic reproduction through the real ``negkd`` CLI, one invocation per step.
+
+    python run.py --tag quick --seeds 0            # make quick
+    python run.py --tag full --seeds 0,1,2 --tune  # make full (LR grid on the val split first)
+
+Per seed ``s`` (data split and base model are shared by all seeds):
+
+    teacher server (127.0.0.1) --negkd sample--> samples --negkd split--> pos / neg
+    gold  = negkd train-pos --no-neg  on the gold solutions          (fine-tune on gold)
+    cotkd = negkd train-pos --no-neg  on pos                         (CoT-KD)
+    mix   = negkd train-pos --no-neg --mix neg  on pos               (MIX)
+    neg   = negkd train-neg  on neg                                  (negative-only model)
+    nat   = negkd train-pos --neg <neg>  on pos                      (NAT)
+    nce   = negkd calibrate --nat <nat>  on pos                      (NAT+NCE)
+    each: negkd infer --greedy on val+test+ood, negkd eval per split
+    ranker = negkd train-ranker on the teacher's graded samples; SC@N vs ASC@N on the best student
+
+Every variant trains for the same number of optimizer steps with the same batch size. Each
+method's learning rate comes from ``tuned_lr.json`` (written by ``--tune``: a grid on the val
+split, seed 0, same budget for every method). A step whose output directory holds a finished run
+with the same command is skipped, so an interrupted run resumes by rerunning the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import arithgen  # noqa: E402
+
+NEGKD = os.environ.get("NEGKD", str(REPO / ".venv" / "bin" / "negkd"))
+PY = sys.executable
+WORK = HERE / "work"
+DATA = WORK / "data"
+BASE = WORK / "base"
+TUNED = HERE / "tuned_lr.json"
+
+VARIANTS = ["gold", "cotkd", "mix", "neg", "nat", "nce"]
+LR_GRID = [1e-3, 3e-3]
+DEFAULT_LR = 1e-3
+
+# The shared training budget (every variant): optimizer steps x batch.
+TRAIN = dict(steps=150, batch=16, lora_r=16, lora_alpha=32, targets="all-linear", max_length=256)
+TEACHER_N = 4  # teacher samples per training problem
+VOTE_N = 8  # candidates per problem for SC / ASC
+PRETRAIN_STEPS = 350
+
+TEACHER_PROMPT = {
+    "instruction": "Solve the word problem step by step, showing the arithmetic of each step. "
+                   "End with \"The answer is $\\boxed{N}$.\"",
+    "examples": [],  # filled from two generated problems outside every split
+    "template": "Problem:\n{question}\n",
+    "answer_prefix": "Solution:\n",
+}
+
+LOG: list[str] = []  # every negkd command run, for RESULTS.md
+
+
+def sh(cmd: list[str], out: Path | None = None, env: dict | None = None) -> None:
+    """Run one command; skip it when ``out`` holds a finished run of the same command."""
+    line = " ".join(shlex.quote(str(c)) for c in cmd)
+    stamp = out / ".arith-cmd" if out else None
+    if out and (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == line:
+        print(f"[skip] {out.relative_to(HERE)} is up to date", flush=True)
+        LOG.append(line)
+        return
+    print(f"$ {line}", flush=True)
+    t0 = time.time()
+    r = subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        sys.exit(f"command failed (exit {r.returncode}): {line}")
+    print(f"  ({time.time() - t0:.0f}s)", flush=True)
+    LOG.append(line)
+    if out:
+        stamp.write_text(line)
+
+
+def rel(p: Path) -> str:
+    return os.path.relpath(p, HERE)
+
+
+# ----------------------------------------------------------------------------- shared inputs
+
+
+def prepare_data() -> None:
+    if not (DATA / "ood.jsonl").is_file():
+        subprocess.run([PY, str(HERE / "arithgen.py"), "--out", str(DATA)], check=True)
+    gold = DATA / "gold.jsonl"
+    if not gold.is_file():
+        # the gold solutions as graded samples, so train-pos reads them like split's pos.jsonl
+        with (DATA / "train.jsonl").open() as f, gold.open("w") as g:
+            for line in f:
+                p = json.loads(line)
+                g.write(json.dumps({**p, "k": 0, "rationale": p["solution"], "pred": p["answer"], "correct": True}) + "\n")
+    evalset = DATA / "evalset.jsonl"
+    if not evalset.is_file():
+        with evalset.open("w") as g:
+            for split in ("val", "test", "ood"):
+                g.write((DATA / f"{split}.jsonl").read_text())
+    prompt = DATA / "teacher_prompt.json"
+    if not prompt.is_file():
+        import random
+
+        rng = random.Random(4321)
+        exs = []
+        for level in (2, 3):
+            p = arithgen.make_problem(rng, level, "demo")
+            exs.append({"question": p["question"], "rationale": p["solution"]})
+        prompt.write_text(json.dumps({**TEACHER_PROMPT, "examples": exs}, indent=1))
+    subprocess.run([PY, str(HERE / "pretrain.py"), "--splits", str(DATA), "--out", str(BASE),
+                    "--steps", str(PRETRAIN_STEPS)], check=True)
+
+
+def teacher_samples(seed: int, sdir: Path) -> Path:
+    out = sdir / "teacher"
+    url_file = sdir / ".teacher-url"
+    url_file.unlink(missing_ok=True)
+    srv = subprocess.Popen([PY, str(HERE / "teacher_server.py"), "--url-file", str(url_file)],
+                           stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if url_file.is_file():
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit("teacher server did not start")
+        url = url_file.read_text().strip()
+        # the URL (a random port) is not part of the skip stamp: compare the rest of the command
+        cmd = [NEGKD, "sample", DATA / "train.jsonl", "-o", out, "--base-url", url, "--model", "arith-teacher",
+               "--prompt", DATA / "teacher_prompt.json", "--n", TEACHER_N, "--temperature", 0.7,
+               "--seed", seed, "--concurrency", 8]
+        stamp = out / ".arith-cmd"
+        if (out / "manifest.json").is_file() and stamp.is_file():
+            prev = stamp.read_text()
+            stamp.write_text(" ".join(shlex.quote(str(c)) for c in cmd))
+            if prev.split("--base-url")[0] != stamp.read_text().split("--base-url")[0]:
+                stamp.unlink()
+        sh(cmd, out, env={"OPENAI_API_KEY": "none"})
+    finally:
+        srv.terminate()
+        srv.wait()
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def common(seed: int, lr: float) -> list:
+    t = TRAIN
+    return ["--base-model", BASE, "--lr", lr, "--max-steps", t["steps"], "--batch-size", t["batch"],
+            "--grad-accum", 1, "--seed", seed, "--max-length", t["max_length"], "--save-every", 0,
+            "--log-every", 25, "--device", "cpu"]
+
+
+def lora_flags() -> list:
+    t = TRAIN
+    return ["--lora-r", t["lora_r"], "--lora-alpha", t["lora_alpha"], "--target-modules", t["targets"]]
+
+
+def train(variant: str, seed: int, lr: float, sdir: Path, split: Path, neg_dir: Path | None = None,
+          nat_dir: Path | None = None) -> Path:
+    out = sdir / f"{variant}-lr{lr:g}"
+    c = common(seed, lr)
+    if variant == "gold":
+        cmd = [NEGKD, "train-pos", DATA / "gold.jsonl", "-o", out, "--no-neg", *lora_flags(), *c]
+    elif variant == "cotkd":
+        cmd = [NEGKD, "train-pos", split, "-o", out, "--no-neg", *lora_flags(), *c]
+    elif variant == "mix":
+        cmd = [NEGKD, "train-pos", split, "-o", out, "--mix", split, *lora_flags(), *c]
+    elif variant == "neg":
+        cmd = [NEGKD, "train-neg", split, "-o", out, *lora_flags(), *c]
+    elif variant == "nat":
+        cmd = [NEGKD, "train-pos", split, "-o", out, "--neg", neg_dir, "--lora-r", TRAIN["lora_r"],
+               "--lora-alpha", TRAIN["lora_alpha"], *c]
+    elif variant == "nce":
+        cmd = [NEGKD, "calibrate", split, "-o", out, "--nat", nat_dir, *lora_flags(), *c]
+    else:
+        raise ValueError(variant)
+    sh(cmd, out)
+    return out
+
+
+def greedy_eval(model_dir: Path) -> dict[str, dict]:
+    """Greedy predictions on val+test+ood (one infer), then negkd eval per split."""
+    pred = model_dir / "pred"
+    sh([NEGKD, "infer", DATA / "evalset.jsonl", "-o", pred, "--model", model_dir, "--greedy",
+        "--max-new-tokens", 200, "--batch-size", 64, "--device", "cpu"], pred)
+    return eval_splits(pred)
+
+
+def eval_splits(pred: Path, splits=("val", "test", "ood")) -> dict[str, dict]:
+    rows = [json.loads(l) for l in (pred / "predictions.jsonl").open()]
+    res = {}
+    for split in splits:
+        d = pred / f"eval-{split}"
+        d.mkdir(exist_ok=True)
+        part = d / "predictions.jsonl"
+        mine = [r for r in rows if r["id"].startswith(split + "-")]
+        if not mine:
+            continue
+        text = "".join(json.dumps(r) + "\n" for r in mine)
+        if not part.is_file() or part.read_text() != text:
+            part.write_text(text)
+        out = d / "metrics"
+        sh([NEGKD, "eval", part, "-o", out, "--workers", 1], out)
+        res[split] = json.loads((out / "metrics.json").read_text())
+    return res
+
+
+def accuracy(metrics: dict, key: str = "greedy") -> float:
+    """Overall accuracy (%) for one rule from negkd eval's metrics.json."""
+    m = metrics.get("overall", metrics)
+    v = m[key] if key in m else m["accuracy"][key]
+    return float(v["accuracy"] if isinstance(v, dict) else v)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_seed(seed: int, lrs: dict, tag: str, variants=VARIANTS) -> dict:
+    sdir = WORK / tag / f"seed{seed}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    teacher = teacher_samples(seed, sdir)
+    split = sdir / "split"
+    sh([NEGKD, "split", teacher, "-o", split, "--workers", 1], split)
+    dirs: dict[str, Path] = {}
+    for v in variants:
+        dirs[v] = train(v, seed, lrs[v], sdir, split, neg_dir=dirs.get("neg"), nat_dir=dirs.get("nat"))
+        greedy_eval(dirs[v])
+    return dirs
+
+
+def tune(seed: int = 0) -> dict:
+    """LR grid on the val split (seed 0), same budget per method; NAT uses the tuned neg adapter and
+    NCE the tuned NAT checkpoint."""
+    sdir = WORK / "tune" / f"seed{seed}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    teacher = teacher_samples(seed, sdir)
+    split = sdir / "split"
+    sh([NEGKD, "split", teacher, "-o", split, "--workers", 1], split)
+    best: dict[str, float] = {}
+    table: dict[str, dict] = {}
+    dirs: dict[str, Path] = {}
+    for v in VARIANTS:
+        scores = {}
+        for lr in LR_GRID:
+            d = train(v, seed, lr, sdir, split, neg_dir=dirs.get("neg"), nat_dir=dirs.get("nat"))
+            scores[lr] = accuracy(greedy_eval(d)["val"])
+        best[v] = max(LR_GRID, key=lambda lr: (scores[lr], -lr))
+        dirs[v] = sdir / f"{v}-lr{best[v]:g}"
+        table[v] = {f"{lr:g}": s for lr, s in scores.items()}
+        print(f"tune {v}: val greedy {table[v]} -> lr {best[v]:g}", flush=True)
+    TUNED.write_text(json.dumps({"lr": best, "val_greedy": table, "grid": LR_GRID, "seed": seed,
+                                 "budget": TRAIN}, indent=1) + "\n")
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tag", default="quick", help="results go to work/TAG")
+    ap.add_argument("--seeds", default="0", help="comma-separated experiment seeds (teacher sampling + training)")
+    ap.add_argument("--tune", action="store_true", help="tune each method's LR on val (seed 0) first")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.time()
+    prepare_data()
+    if args.tune:
+        lrs, lr_source = tune(), "tuned now on val (seed 0)"
+    elif TUNED.is_file():
+        lrs, lr_source = json.loads(TUNED.read_text())["lr"], f"fixed, from {TUNED.name} (the full run's val tuning)"
+    else:
+        lrs, lr_source = {v: DEFAULT_LR for v in VARIANTS}, f"fixed at {DEFAULT_LR:g} for every method (not tuned)"
+    runs = {}
+    for s in seeds:
+        runs[s] = run_seed(s, lrs, args.tag)
+    # SC vs ASC on the best student (highest mean val greedy accuracy over seeds)
+    import report
+
+    best = report.best_variant(args.tag, seeds, lrs)
+    for s in seeds:
+        sdir = WORK / args.tag / f"seed{s}"
+        ranker = sdir / "ranker"
+        sh([NEGKD, "train-ranker", sdir / "split", "-o", ranker, "--base-model", BASE, "--seed", s,
+            "--device", "cpu"], ranker)
+        model = runs[s][best]
+        pred = sdir / f"vote-{best}"
+        sh([NEGKD, "infer", DATA / "test.jsonl", "-o", pred, "--model", model, "--n", VOTE_N,
+            "--temperature", 0.7, "--ranker", ranker, "--seed", s, "--max-new-tokens", 200, "--batch-size", 64,
+            "--device", "cpu"], pred)
+        eval_splits(pred, splits=("test",))
+    wall = time.time() - t0
+    report.write(args.tag, seeds, lrs, lr_source, best, wall, LOG, argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Pure tensor loss functions (no I/O). float32 inside log-softmax; labels masked with -100;
+an all-masked batch gives exactly 0 (still differentiable, zero gradients), never NaN.
+
+Shapes: B = batch, L = sequence length, V = vocabulary. ``logits`` are a causal LM's raw
+output ``(B, L, V)``; position t predicts token t+1, so each function shifts by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood ``(B, L-1)``, float32, 0 where ``labels[:, 1:] == -100``.
+
+    logits (B, L, V), labels (B, L).
+    """
+    z = logits[:, :-1, :].float()  # (B, L-1, V)
+    y = labels[:, 1:]  # (B, L-1)
+    nll = F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(y.shape)  # cross_entropy already gives 0 at ignored positions
+
+
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, L-1)``: which shifted positions carry a target."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over all target tokens of the batch: scalar float32 (0 if there are none)."""
+    nll = token_nll(logits, labels)  # (B, L-1)
+    n = target_mask(labels).sum()
+    return nll.sum() / n.clamp_min(1)
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL per sequence ``(B,)`` float32 (0 for a row without targets)."""
+    nll = token_nll(logits, labels)  # (B, L-1)
+    n = target_mask(labels).sum(-1)  # (B,)
+    return nll.sum(-1) / n.clamp_min(1)
+
+
+def n_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Number of target tokens in the batch (scalar long)."""
+    return target_mask(labels).sum()
+
+
+# --------------------------------------------------------------------------- ranker (ASC, method.md §5)
+# Section owned by the ranker (`negkd train-ranker`); appended, nothing above is changed.
+
+
+def ranker_pairwise_loss(f_pos: torch.Tensor, f_neg: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """Mean over pairs of ``(1 - f(r+))^p + f(r-)^p``: f_pos, f_neg ``(P,)`` scores in (0, 1) -> scalar.
+
+    The paper's ranker loss (p = 3): bounded, so a pair already ordered well contributes
+    little and a confident mistake costs at most 1 per side. 0 (differentiable) without pairs.
+    """
+    f_pos, f_neg = f_pos.float(), f_neg.float()
+    if f_pos.numel() == 0:
+        return f_pos.sum() * 0.0
+    return ((1.0 - f_pos).pow(p) + f_neg.pow(p)).mean()
+
+
+def ranker_bce_loss(logit_pos: torch.Tensor, logit_neg: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits ``(P,)``, ``(P,)``: positives labelled 1, negatives 0 -> scalar."""
+    logit_pos, logit_neg = logit_pos.float(), logit_neg.float()
+    if logit_pos.numel() == 0:
+        return logit_pos.sum() * 0.0
+    return 0.5 * (F.softplus(-logit_pos).mean() + F.softplus(logit_neg).mean())

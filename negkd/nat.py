@@ -1,0 +1,499 @@
+"""NAT: the dual-LoRA layer with the integration unit (method.md §3, step 1.2).
+
+Every adapted linear ``W0`` (in -> out) becomes a ``NATLinear``. For layer input ``x``::
+
+    h0    = W0 x
+    h_pos = h0 + s_pos * B_pos A_pos dropout(x)       # trainable (lora_A_pos, lora_B_pos)
+    h_neg = h0 + s_neg * B_neg A_neg dropout(x)       # frozen, from the Neg-LoRA (lora_A_neg, lora_B_neg)
+    q     = W_Q x                                     # lora_gate_q:  in  -> d_g
+    k_i   = W_K h_i          i in {pos, neg}          # lora_gate_k:  out -> d_g
+    v_i   = W_2 gelu(W_1 h_i)                         # lora_gate_w1: out -> d_g, lora_gate_w2: d_g -> out
+    a     = softmax_i(q . k_i / T)                    # per token; T = temperature (1)
+    g_neg = 2 beta a_neg - beta                       # in [-beta, beta]
+    g_pos = 1 - g_neg                                 # in [1-beta, 1+beta]
+    y     = h0 + g_pos v_pos + g_neg v_neg
+
+``s = alpha / r`` per branch. ``B_pos`` and ``W_2`` start at zero, so a fresh unit is a no-op
+(``y = h0``). No biases in the unit (the equations have none). The adapter computes in the
+adapter's dtype (float32) and returns the base layer's dtype; softmax is float32.
+
+Modes (``set_mode``), per layer, switchable at any time (e.g. between teacher passes):
+
+- ``"nat"``       the full equation above (default);
+- ``"neg-only"``  ``y = h_neg`` — exactly the Neg-LoRA model of step 1.1 (NCE's ``p_neg`` teacher);
+- ``"pos-only"``  ``y = h0 + v_pos`` — the unit with the negative branch gated off (g_neg = 0, g_pos = 1);
+- ``"off"``       ``y = h0`` — the base model alone.
+
+API (other steps build on these names):
+
+- ``NATLinear(base_layer, cfg)``: the layer (``base_layer`` is the wrapped ``nn.Linear`` or a
+  bitsandbytes 4/8-bit linear); attributes ``mode``, parameters named ``lora_*``.
+- ``NATConfig``: targets (canonical module names), neg/pos LoRA r/alpha, dropout, gate dim/beta/T.
+- ``attach_new(model, neg_dir, ...) -> NATConfig``: wrap the Neg-LoRA adapter's target linears of an
+  already-loaded base with fresh NAT layers, loading the frozen Neg-LoRA from ``neg_dir``
+  (a PEFT LoRA directory, the output of ``negkd train-neg``). Used by ``train-pos``.
+- ``attach(model, nat_dir, trainable=False) -> dict``: load a NAT checkpoint onto an already-loaded
+  base (all NAT parameters frozen and its dropout off, so teacher passes are deterministic even in
+  train mode; mode ``"nat"``); returns the checkpoint's metadata. To train a *student*
+  LoRA on the same base (NCE), create the PEFT student first (``peft.get_peft_model``) and call
+  ``attach`` after: NAT then wraps the base linear *inside* each PEFT LoRA layer, so the
+  student keeps stock PEFT names (``save_pretrained`` writes a standard adapter, NAT tensors are
+  not included) and ``with peft_model.disable_adapter():`` + ``set_mode`` selects the teacher.
+  With both active the output is ``y_nat(x) + s_stu B_stu A_stu x``.
+- ``set_mode(model, mode)`` / ``using_mode(model, mode)`` (context manager) / ``get_mode(model)``.
+- ``nat_layers(model) -> {canonical name: NATLinear}``.
+- ``mark_trainable(model)``: freeze everything but ``lora_A_pos``/``lora_B_pos``/``lora_gate_*``;
+  ``trainable_names(model)`` lists them; ``neg_state(model)`` returns the Neg-LoRA tensors.
+- ``gate_mask(model, attention_mask)`` (context manager): count only real tokens in the gate
+  statistics; ``gate_means(model, reset=True) -> {"g_neg/<layer>": mean}`` (training diagnostics).
+- ``save(model, dir, meta)``: ``nat_config.json`` + ``nat_model.safetensors`` (all ``lora_*`` tensors).
+- ``load(dir, device="auto", dtype="auto", load_in_4bit=False, load_in_8bit=False, base_model=None)
+  -> (model, tokenizer, meta)``: base + NAT, eval mode, mode ``"nat"``, ready for ``generate``;
+  ``meta`` holds ``base_model``, ``template``, ``chat_template`` and the NAT config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from negkd.errors import UserError
+
+MODES = ("nat", "neg-only", "pos-only", "off")
+CONFIG_NAME = "nat_config.json"
+WEIGHTS_NAME = "nat_model.safetensors"
+FORMAT = "negkd-nat"
+POS_PARAMS = ("lora_A_pos", "lora_B_pos")
+GATE_PARAMS = ("lora_gate_q", "lora_gate_k", "lora_gate_w1", "lora_gate_w2")
+NEG_PARAMS = ("lora_A_neg", "lora_B_neg")
+
+
+@dataclass
+class NATConfig:
+    targets: list[str] = field(default_factory=list)  # canonical module names, e.g. model.layers.0.self_attn.q_proj
+    neg_r: int = 8
+    neg_alpha: float = 16.0
+    neg_rslora: bool = False
+    pos_r: int = 8
+    pos_alpha: float = 16.0
+    dropout: float = 0.05
+    gate_dim: int = 128
+    beta: float = 0.5
+    temperature: float = 1.0
+
+    @property
+    def neg_scale(self) -> float:
+        return self.neg_alpha / (math.sqrt(self.neg_r) if self.neg_rslora else self.neg_r)
+
+    @property
+    def pos_scale(self) -> float:
+        return self.pos_alpha / self.pos_r
+
+
+class NATLinear(nn.Module):
+    """A linear layer with a frozen Neg-LoRA, a Pos-LoRA and the integration unit (see module doc)."""
+
+    def __init__(self, base_layer: nn.Module, cfg: NATConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = d_in, d_out
+        self.neg_scale, self.pos_scale = cfg.neg_scale, cfg.pos_scale
+        self.beta, self.temperature = cfg.beta, cfg.temperature
+        self.mode = "nat"
+        self._cfg = cfg
+        dev = _weight_device(base_layer)
+        kw = dict(bias=False, device=dev, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_A_neg = nn.Linear(d_in, cfg.neg_r, **kw)
+        self.lora_B_neg = nn.Linear(cfg.neg_r, d_out, **kw)
+        self.lora_A_pos = nn.Linear(d_in, cfg.pos_r, **kw)
+        self.lora_B_pos = nn.Linear(cfg.pos_r, d_out, **kw)
+        self.lora_gate_q = nn.Linear(d_in, cfg.gate_dim, **kw)
+        self.lora_gate_k = nn.Linear(d_out, cfg.gate_dim, **kw)
+        self.lora_gate_w1 = nn.Linear(d_out, cfg.gate_dim, **kw)
+        self.lora_gate_w2 = nn.Linear(cfg.gate_dim, d_out, **kw)
+        nn.init.kaiming_uniform_(self.lora_A_pos.weight, a=math.sqrt(5))  # as PEFT's LoRA
+        nn.init.zeros_(self.lora_B_pos.weight)
+        nn.init.zeros_(self.lora_gate_w2.weight)  # fresh unit: v = 0, y = h0
+        nn.init.zeros_(self.lora_B_neg.weight)  # overwritten by the Neg-LoRA checkpoint
+        # gate statistics (training diagnostics; not parameters, not saved)
+        self.track_gates = False
+        self._gate_mask: torch.Tensor | None = None
+        self._g_sum: torch.Tensor | None = None
+        self._g_n: torch.Tensor | None = None
+
+    # base-layer passthroughs some model code and PEFT read
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r_neg={self.lora_A_neg.out_features}, "
+                f"r_pos={self.lora_A_pos.out_features}, d_g={self.lora_gate_q.out_features}, beta={self.beta}, "
+                f"mode={self.mode!r}")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h0 = self.base_layer(x, *args, **kwargs)  # (..., out) in the base dtype
+        if self.mode == "off":
+            return h0
+        dt = self.lora_A_pos.weight.dtype
+        xf, h0f = x.to(dt), h0.to(dt)  # (..., in), (..., out)
+        xd = self.lora_dropout(xf)
+        h_neg = h0f + self.neg_scale * self.lora_B_neg(self.lora_A_neg(xd))
+        if self.mode == "neg-only":
+            return h_neg.to(h0.dtype)
+        h_pos = h0f + self.pos_scale * self.lora_B_pos(self.lora_A_pos(xd))
+        if self.mode == "pos-only":
+            v_pos = self.lora_gate_w2(F.gelu(self.lora_gate_w1(h_pos)))
+            return (h0f + v_pos).to(h0.dtype)
+        h = torch.stack((h_pos, h_neg))  # (2, ..., out): both branches through the shared unit at once
+        v = self.lora_gate_w2(F.gelu(self.lora_gate_w1(h)))  # (2, ..., out)
+        k = self.lora_gate_k(h)  # (2, ..., d_g)
+        q = self.lora_gate_q(xf)  # (..., d_g)
+        scores = (k * q.unsqueeze(0)).sum(-1).float() / self.temperature  # (2, ...)
+        a_neg = torch.softmax(scores, dim=0)[1]  # (...)
+        g_neg = (2 * self.beta * a_neg - self.beta).to(dt).unsqueeze(-1)  # (..., 1) in [-beta, beta]
+        y = h0f + (1 - g_neg) * v[0] + g_neg * v[1]
+        if self.track_gates:
+            self._record(g_neg.detach().squeeze(-1))
+        return y.to(h0.dtype)
+
+    def _record(self, g: torch.Tensor) -> None:  # g: (B, T) or (...)
+        m = self._gate_mask
+        if m is not None and m.shape == g.shape:
+            m = m.to(g.device, g.dtype)
+            s, n = (g * m).sum().double(), m.sum().double()
+        else:
+            s, n = g.sum().double(), torch.tensor(float(g.numel()), device=g.device, dtype=torch.float64)
+        self._g_sum = s if self._g_sum is None else self._g_sum + s
+        self._g_n = n if self._g_n is None else self._g_n + n
+
+
+def _weight_device(layer: nn.Module) -> torch.device:
+    w = getattr(layer, "weight", None)
+    if w is not None:
+        return w.device
+    return next(layer.parameters()).device
+
+
+# ---------------------------------------------------------------- module discovery
+
+
+def canonical(name: str) -> str:
+    """A module's name as in the plain base model: PEFT wrappers' prefixes and ``.base_layer`` dropped."""
+    for pre in ("base_model.model.", "module."):
+        if name.startswith(pre):
+            name = name[len(pre):]
+    return name.replace(".base_layer", "")
+
+
+def nat_layers(model: nn.Module) -> dict[str, NATLinear]:
+    return {canonical(n): m for n, m in model.named_modules() if isinstance(m, NATLinear)}
+
+
+def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
+    """(canonical name, module, parent, attribute) for every linear-like leaf not already in NAT."""
+    for pname, parent in model.named_modules():
+        if isinstance(parent, NATLinear):
+            continue
+        for attr, child in parent.named_children():
+            if isinstance(child, NATLinear):
+                continue
+            if hasattr(child, "in_features") and hasattr(child, "out_features") and hasattr(child, "weight") \
+                    and not any(True for _ in child.children()):
+                full = f"{pname}.{attr}" if pname else attr
+                yield canonical(full), child, parent, attr
+
+
+def _wrap(model: nn.Module, cfg: NATConfig) -> dict[str, NATLinear]:
+    want = set(cfg.targets)
+    found: dict[str, NATLinear] = {}
+    for name, child, parent, attr in list(_linear_modules(model)):
+        if name in want and name not in found:
+            layer = NATLinear(child, cfg)
+            layer.train(child.training)  # follow the model's train/eval state
+            setattr(parent, attr, layer)
+            found[name] = layer
+    missing = sorted(want - set(found))
+    if missing:
+        raise UserError(f"NAT target module(s) not found in the base model: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; is this the base the adapter was trained on?")
+    return found
+
+
+# ---------------------------------------------------------------- modes and trainability
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"NAT mode {mode!r}: expected one of {', '.join(MODES)}")
+    layers = nat_layers(model)
+    if not layers:
+        raise ValueError("the model has no NAT layers; attach them with nat.attach / nat.attach_new")
+    for m in layers.values():
+        m.mode = mode
+
+
+def get_mode(model: nn.Module) -> str:
+    modes = {m.mode for m in nat_layers(model).values()}
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+@contextmanager
+def using_mode(model: nn.Module, mode: str):
+    before = {n: m.mode for n, m in nat_layers(model).items()}
+    set_mode(model, mode)
+    try:
+        yield model
+    finally:
+        for n, m in nat_layers(model).items():
+            m.mode = before.get(n, m.mode)
+
+
+def mark_trainable(model: nn.Module) -> list[str]:
+    """Freeze everything except the Pos-LoRA and the unit; return the trainable names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in nat_layers(model).values():
+        for attr in POS_PARAMS + GATE_PARAMS:
+            getattr(m, attr).weight.requires_grad_(True)
+    return trainable_names(model)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def neg_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Neg-LoRA tensors by canonical name (clones, for before/after comparisons)."""
+    out = {}
+    for name, m in nat_layers(model).items():
+        for attr in NEG_PARAMS:
+            out[f"{name}.{attr}.weight"] = getattr(m, attr).weight.detach().clone()
+    return out
+
+
+# ---------------------------------------------------------------- gate statistics
+
+
+@contextmanager
+def gate_mask(model: nn.Module, attention_mask: torch.Tensor | None):
+    """Count only positions where ``attention_mask`` is 1 in the gate statistics."""
+    layers = list(nat_layers(model).values())
+    for m in layers:
+        m._gate_mask = attention_mask
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._gate_mask = None
+
+
+def track_gates(model: nn.Module, on: bool = True) -> None:
+    for m in nat_layers(model).values():
+        m.track_gates = on
+        m._g_sum = m._g_n = None
+
+
+def gate_means(model: nn.Module, reset: bool = True) -> dict[str, float]:
+    """Mean g_neg per NAT layer since the last reset: ``{"g_neg/<layer>": mean}`` (layer names
+    shortened: ``model.layers.3.self_attn.q_proj`` -> ``3.q_proj``)."""
+    out = {}
+    for name, m in nat_layers(model).items():
+        if m._g_n is not None and float(m._g_n) > 0:
+            out[f"g_neg/{short_name(name)}"] = float(m._g_sum / m._g_n)
+        else:
+            out[f"g_neg/{short_name(name)}"] = 0.0
+        if reset:
+            m._g_sum = m._g_n = None
+    return out
+
+
+def short_name(name: str) -> str:
+    parts = name.split(".")
+    nums = [p for p in parts if p.isdigit()]
+    return f"{nums[-1]}.{parts[-1]}" if nums else parts[-1]
+
+
+# ---------------------------------------------------------------- Neg-LoRA (PEFT adapter) reading
+
+
+def read_neg_adapter(neg_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """A PEFT LoRA directory -> (adapter_config, {canonical module: {"A": (r, in), "B": (out, r)}})."""
+    from safetensors.torch import load_file
+
+    neg_dir = Path(neg_dir)
+    cfg_path = neg_dir / "adapter_config.json"
+    if not neg_dir.is_dir():
+        raise UserError(f"--neg {neg_dir}: no such directory; pass the output directory of `negkd train-neg`")
+    if not cfg_path.exists():
+        raise UserError(f"--neg {neg_dir}: not a LoRA adapter directory (no adapter_config.json); "
+                        "create one with `negkd train-neg NEG -o DIR --base-model M`")
+    acfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if acfg.get("peft_type") != "LORA":
+        raise UserError(f"--neg {neg_dir}: a {acfg.get('peft_type')} adapter; NAT needs a LoRA adapter from `negkd train-neg`")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if acfg.get(key) == bad:
+            raise UserError(f"--neg {neg_dir}: {key}={bad} adapters are not supported by NAT; retrain with `negkd train-neg`")
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
+        raise UserError(f"--neg {neg_dir}: per-module rank/alpha patterns are not supported by NAT")
+    if acfg.get("bias", "none") != "none":
+        raise UserError(f"--neg {neg_dir}: LoRA bias={acfg.get('bias')!r} is not supported by NAT (need bias='none')")
+    wpath = neg_dir / "adapter_model.safetensors"
+    if not wpath.exists():
+        raise UserError(f"--neg {neg_dir}: adapter_model.safetensors is missing (an unfinished `negkd train-neg`?)")
+    sd = load_file(str(wpath))
+    mods: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        for part, tag in ((".lora_A.", "A"), (".lora_B.", "B")):
+            if part in key:
+                mod = canonical(key.split(part)[0])
+                mods.setdefault(mod, {})[tag] = t
+    if not mods:
+        raise UserError(f"--neg {neg_dir}: the adapter holds no LoRA tensors")
+    for mod, ab in mods.items():
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"--neg {neg_dir}: module {mod} lacks lora_A or lora_B")
+    return acfg, mods
+
+
+def attach_new(model: nn.Module, neg_dir: Path, pos_r: int = 8, pos_alpha: float = 16.0, dropout: float = 0.05,
+               gate_dim: int = 128, beta: float = 0.5, temperature: float = 1.0) -> NATConfig:
+    """Wrap the Neg-LoRA's target linears with fresh NAT layers (Neg-LoRA loaded, frozen)."""
+    acfg, mods = read_neg_adapter(neg_dir)
+    r = int(acfg.get("r", 8))
+    cfg = NATConfig(targets=sorted(mods), neg_r=r, neg_alpha=float(acfg.get("lora_alpha", r)),
+                    neg_rslora=bool(acfg.get("use_rslora", False)), pos_r=pos_r, pos_alpha=pos_alpha,
+                    dropout=dropout, gate_dim=gate_dim, beta=beta, temperature=temperature)
+    layers = _wrap(model, cfg)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            A, B = mods[name]["A"], mods[name]["B"]
+            if tuple(A.shape) != tuple(layer.lora_A_neg.weight.shape) or tuple(B.shape) != tuple(layer.lora_B_neg.weight.shape):
+                raise UserError(f"--neg {neg_dir}: {name} has LoRA shapes {tuple(A.shape)}/{tuple(B.shape)}, the base "
+                                f"layer needs {tuple(layer.lora_A_neg.weight.shape)}/{tuple(layer.lora_B_neg.weight.shape)}; "
+                                "the Neg-LoRA was trained on another base model")
+            layer.lora_A_neg.weight.copy_(A)
+            layer.lora_B_neg.weight.copy_(B)
+    mark_trainable(model)
+    return cfg
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All NAT tensors by canonical name: ``<module>.lora_*.weight``."""
+    out = {}
+    for name, m in nat_layers(model).items():
+        for attr in NEG_PARAMS + POS_PARAMS + GATE_PARAMS:
+            out[f"{name}.{attr}.weight"] = getattr(m, attr).weight.detach().to("cpu").contiguous()
+    return out
+
+
+def config_of(model: nn.Module) -> NATConfig:
+    layers = nat_layers(model)
+    if not layers:
+        raise ValueError("the model has no NAT layers")
+    cfg = next(iter(layers.values()))._cfg
+    return NATConfig(**{**asdict(cfg), "targets": sorted(layers)})
+
+
+def save(model: nn.Module, out: Path, cfg: NATConfig, meta: dict | None = None) -> None:
+    """Write ``nat_config.json`` and ``nat_model.safetensors`` into ``out``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
+    doc = {"format": FORMAT, "version": 1, "nat": asdict(cfg), **(meta or {})}
+    (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_config(nat_dir: Path) -> dict:
+    nat_dir = Path(nat_dir)
+    p = nat_dir / CONFIG_NAME
+    if not p.exists():
+        raise UserError(f"{nat_dir}: not a NAT checkpoint (no {CONFIG_NAME}); create one with `negkd train-pos`")
+    doc = json.loads(p.read_text(encoding="utf-8"))
+    if doc.get("format") != FORMAT:
+        raise UserError(f"{p}: not a negkd NAT config (format {doc.get('format')!r})")
+    return doc
+
+
+def attach(model: nn.Module, nat_dir: Path, trainable: bool = False) -> dict:
+    """Load a NAT checkpoint onto an already-loaded base (see module doc); returns its metadata."""
+    from safetensors.torch import load_file
+
+    doc = read_config(nat_dir)
+    cfg = NATConfig(**doc["nat"])
+    layers = _wrap(model, cfg)
+    sd = load_file(str(Path(nat_dir) / WEIGHTS_NAME))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for attr in NEG_PARAMS + POS_PARAMS + GATE_PARAMS:
+                key = f"{name}.{attr}.weight"
+                if key not in sd:
+                    raise UserError(f"{nat_dir}: {WEIGHTS_NAME} lacks {key}; the checkpoint is incomplete")
+                w = getattr(layer, attr).weight
+                if sd[key].shape != w.shape:
+                    raise UserError(f"{nat_dir}: {key} has shape {tuple(sd[key].shape)}, the base needs "
+                                    f"{tuple(w.shape)}; load it onto the base model it was trained on")
+                w.copy_(sd[key])
+    for layer in layers.values():
+        for attr in NEG_PARAMS + POS_PARAMS + GATE_PARAMS:
+            getattr(layer, attr).weight.requires_grad_(False)
+        if not trainable:  # a frozen teacher is deterministic, also while a student trains beside it
+            layer.lora_dropout = nn.Identity()
+    if trainable:
+        for layer in layers.values():
+            for attr in POS_PARAMS + GATE_PARAMS:
+                getattr(layer, attr).weight.requires_grad_(True)
+    set_mode(model, "nat")
+    return doc
+
+
+def resolve_base(recorded: dict, override: str | None = None) -> str:
+    """The base model to load: an override, else the recorded absolute path if it still exists,
+    else the name as given (a hub id or a path relative to the current directory)."""
+    if override:
+        return override
+    path = recorded.get("base_model_path")
+    if path and Path(path).is_dir():
+        return path
+    name = recorded.get("base_model")
+    if not name:
+        raise UserError("the checkpoint does not record its base model; pass base_model=")
+    return name
+
+
+def load(nat_dir: Path, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False,
+         load_in_8bit: bool = False, base_model: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer, meta): the base model with the NAT checkpoint attached, eval mode, mode "nat"."""
+    from negkd.modeling import load_model, load_tokenizer
+
+    nat_dir = Path(nat_dir)
+    doc = read_config(nat_dir)
+    base = resolve_base(doc, base_model)
+    model = load_model(base, device=device, dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                       trust_remote_code=trust_remote_code)
+    model.requires_grad_(False)
+    meta = attach(model, nat_dir)
+    model.eval()
+    tok_src = nat_dir if (nat_dir / "tokenizer_config.json").exists() else base
+    tokenizer = load_tokenizer(str(tok_src), trust_remote_code=trust_remote_code)
+    return model, tokenizer, meta

@@ -1,0 +1,175 @@
+"""negkd.training.fit: learning, exact resume, token-weighted accumulation, generic use."""
+
+import json
+
+import pytest
+import torch
+
+from negkd.data import Collator, build_examples, lengths
+from negkd.errors import UserError
+from negkd.prompts import DEFAULT_TEMPLATE
+from negkd.training import TrainConfig, fit, latest_checkpoint, lr_lambda, make_accelerator
+
+
+def toy_rows(n=48, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        rows.append({"id": f"p{i}", "k": 0, "question": f"What is {a} + {b}?", "answer": str(a + b),
+                     "rationale": f"{a} + {b} = {a + b}. The answer is $\\boxed{{{a + b}}}$."})
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core box: one thread is ~50x faster than two spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    from negkd.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    exs, _ = build_examples(toy_rows(), tok, DEFAULT_TEMPLATE)
+    return tok, exs
+
+
+def lora_model(tiny_model, seed=0, dropout=0.05, targets="all-linear"):
+    from negkd.lora import attach_lora
+    from negkd.modeling import load_model
+
+    torch.manual_seed(seed)
+    return attach_lora(load_model(str(tiny_model), device="cpu", dtype="float32"), 8, 16, dropout, targets)
+
+
+def _fit(model, exs, tok, out, **kw):
+    cfg_kw = {k: kw.pop(k) for k in list(kw) if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{"batch_size": 8, "grad_accum": 1, "lr": 1e-2, "log_every": 1, "warmup": 0, **cfg_kw})
+    return fit(model, exs, config=cfg, out_dir=out, collate_fn=Collator(tok.pad_token_id), lengths=lengths(exs),
+               accelerator=make_accelerator("cpu"), **kw)
+
+
+def test_loss_falls_and_saved_adapter_reproduces_logits(tiny_model, setup, tmp_path):
+    from peft import PeftModel
+
+    from negkd.lora import save_adapter
+    from negkd.modeling import load_model
+
+    tok, _ = setup
+    rows = [dict(r, rationale="Let's think step by step. The answer is 42.") for r in toy_rows()]
+    exs, _ = build_examples(rows, tok, DEFAULT_TEMPLATE)  # a learnable target for a random tiny base
+    res = _fit(lora_model(tiny_model), exs, tok, tmp_path, max_steps=24, save_fn=lambda m, d: save_adapter(m, d))
+    losses = [r["loss"] for r in res.history]
+    assert res.step == 24 and len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 25))
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["padding"] < 0.1 for r in recs)
+    ck = latest_checkpoint(tmp_path)
+    assert ck.name == "step-00000024"
+    ids = torch.tensor([exs[0]["input_ids"]])
+    loaded = PeftModel.from_pretrained(load_model(str(tiny_model), device="cpu", dtype="float32"), str(ck)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, res.model.eval()(ids).logits)
+
+
+def test_resume_after_interruption_continues_the_same_curve(tiny_model, setup, tmp_path):
+    tok, exs = setup
+    full = _fit(lora_model(tiny_model), exs, tok, tmp_path / "full", max_steps=9, grad_accum=2, batch_size=4)
+
+    from negkd.training import lm_loss, lm_weight
+
+    calls = {"n": 0}
+
+    def dies_at_step_7(model, batch):  # 2 micro-batches per step
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise KeyboardInterrupt
+        return lm_loss(model, batch)
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(lora_model(tiny_model), exs, tok, out, max_steps=9, grad_accum=2, batch_size=4, save_every=4,
+             loss_fn=dies_at_step_7, weight_fn=lm_weight)
+    assert latest_checkpoint(out).name == "step-00000004"
+    with pytest.raises(UserError, match="--resume"):
+        _fit(lora_model(tiny_model), exs, tok, out, max_steps=9, grad_accum=2, batch_size=4)
+    with pytest.raises(UserError, match="lr"):
+        _fit(lora_model(tiny_model), exs, tok, out, max_steps=9, grad_accum=2, batch_size=4, lr=5e-3, resume=True)
+    res = _fit(lora_model(tiny_model, seed=99), exs, tok, out, max_steps=9, grad_accum=2, batch_size=4,
+               save_every=4, resume=True)
+    assert res.resumed_from == 4 and res.step == 9
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 10))  # nothing lost, nothing duplicated
+    torch.testing.assert_close([r["loss"] for r in recs], [r["loss"] for r in full.history], rtol=1e-5, atol=1e-6)
+    assert [r["lr"] for r in recs] == pytest.approx([r["lr"] for r in full.history])
+
+
+def test_accumulation_weights_tokens_not_micro_batches(tiny_model, setup, tmp_path, monkeypatch):
+    """One SGD step over the same 8 rows: 1x8, 2x4 and 4x2 micro-batches give the same update."""
+    tok, exs = setup
+    rows = toy_rows(8, seed=5)
+    rows[0]["rationale"] = " ".join([rows[0]["rationale"]] * 4)  # make token counts uneven
+    exs8, _ = build_examples(rows, tok, DEFAULT_TEMPLATE)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    deltas = []
+    for bs, ga in ((8, 1), (4, 2), (2, 4)):
+        m = lora_model(tiny_model, dropout=0.0, targets=["q_proj", "v_proj"])
+        before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+        _fit(m, exs8, tok, tmp_path / f"{bs}", max_steps=1, batch_size=bs, grad_accum=ga, lr=1.0,
+             schedule="constant", max_grad_norm=0)
+        deltas.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in m.named_parameters()
+                                 if p.requires_grad]))
+    assert deltas[0].abs().sum() > 0
+    torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(deltas[2], deltas[0], rtol=1e-4, atol=1e-7)
+
+
+def test_fit_is_generic_custom_items_collate_and_loss(tmp_path):
+    """The train-ranker shape: non-LM model, custom collate, per-item keys reach the loss."""
+    torch.manual_seed(0)
+    w_true = torch.randn(5)
+    items = [{"x": torch.randn(5), "idx": i} for i in range(64)]
+    for it in items:
+        it["y"] = float(it["x"] @ w_true)
+    model = torch.nn.Linear(5, 1)
+    seen = set()
+
+    def collate(batch):
+        return {"x": torch.stack([b["x"] for b in batch]), "y": torch.tensor([b["y"] for b in batch]),
+                "idx": [b["idx"] for b in batch]}
+
+    def loss_fn(m, b):
+        seen.update(b["idx"])
+        err = m(b["x"]).squeeze(-1) - b["y"]
+        return (err ** 2).mean(), {"mae": err.abs().mean()}
+
+    cfg = TrainConfig(batch_size=16, epochs=30, lr=5e-2, log_every=4, warmup=0, schedule="constant")
+    res = fit(model, items, config=cfg, out_dir=tmp_path, collate_fn=collate, loss_fn=loss_fn,
+              accelerator=make_accelerator("cpu"))
+    assert seen == set(range(64)) and res.step == 120 and res.steps_per_epoch == 4
+    assert res.history[-1]["loss"] < 0.01 * res.history[0]["loss"]
+    assert "mae" in res.history[-1]
+
+
+def test_schedule_warmup_then_cosine_and_linear():
+    f = lr_lambda(total=10, warmup=2, schedule="cosine")
+    assert [round(f(s), 4) for s in (0, 1, 2)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]
+    assert f(10) == pytest.approx(0.0) and f(6) == pytest.approx(0.5)
+    g = lr_lambda(total=10, warmup=0, schedule="linear")
+    assert g(5) == pytest.approx(0.5)
+    assert lr_lambda(10, 0, "constant")(9) == 1.0
+
+
+def test_no_trainable_parameters_is_a_clear_error(tmp_path):
+    m = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(UserError, match="no trainable parameters"):
+        fit(m, [1, 2], config=TrainConfig(), out_dir=tmp_path, collate_fn=lambda b: {},
+            accelerator=make_accelerator("cpu"))
