@@ -24,7 +24,8 @@ from typing import Any
 from negkd.errors import UserError
 from negkd.io import iter_jsonl
 
-FORMATS = ("auto", "negkd", "math", "math500", "gsm8k", "tdg", "svamp", "asdiv", "multiarith", "gsmhard")
+FORMATS = ("auto", "negkd", "math", "math500", "gsm8k", "tdg", "svamp", "asdiv", "multiarith", "gsmhard",
+           "predictions")
 
 
 def _num(v: Any) -> str:
@@ -180,7 +181,8 @@ def read_problems(path: Path, fmt: str = "auto") -> list[dict]:
 
 
 def iter_samples(path: Path, fmt: str = "auto") -> Iterator[tuple[str, dict]]:
-    """Yield ``(where, sample)``. A TDG file expands to one sample per generated rationale."""
+    """Yield ``(where, sample)``. A TDG file expands to one sample per generated rationale, and a
+    predictions file (``negkd infer`` output) to one sample per candidate."""
     fmt = _check_format(fmt)
     path = Path(path)
     stem = path.name.split(".")[0]
@@ -189,7 +191,18 @@ def iter_samples(path: Path, fmt: str = "auto") -> Iterator[tuple[str, dict]]:
     for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         if chosen is None:
-            chosen = "tdg" if "generated_answer" in rec else "negkd"
+            chosen = "tdg" if "generated_answer" in rec else "predictions" if "candidates" in rec else "negkd"
+        if chosen == "predictions":  # `negkd infer` output: one sample per candidate (the ranker recipe)
+            prob = _problem(rec, "negkd", where, lineno, stem)
+            cands = rec.get("candidates")
+            if not isinstance(cands, list):
+                raise UserError(f"{where}: 'candidates' must be a list of {{rationale, pred}}")
+            base = problem_fields(prob)
+            for k, c in enumerate(cands):
+                if not isinstance(c, dict) or not isinstance(c.get("rationale"), str):
+                    raise UserError(f"{where}: candidates[{k}] needs a 'rationale' string")
+                yield where, {**base, "k": k, "rationale": c["rationale"]}
+            continue
         if chosen == "tdg":
             prob = _problem(rec, "tdg", where, lineno, stem)
             gens = rec["generated_answer"]

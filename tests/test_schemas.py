@@ -118,3 +118,13 @@ def test_samples_graded_predictions_contracts(tmp_path):
         read_predictions(p)
     p = _write(tmp_path / "pr.jsonl", [{**base, "candidates": [{"rationale": "r", "pred": None}]}])
     assert read_predictions(p)[0]["candidates"][0]["pred"] is None
+
+
+def test_predictions_expand_to_samples_for_the_ranker_recipe(tmp_path):
+    base = {"id": "a", "question": "q", "answer": "1"}
+    p = _write(tmp_path / "pred.jsonl", [{**base, "candidates": [{"rationale": "r0", "pred": "1"},
+                                                                   {"rationale": "r1", "pred": None}],
+                                          "votes": {"sc": "1"}}])
+    samples = read_samples(p)
+    assert [(s["id"], s["k"], s["rationale"]) for s in samples] == [("a", 0, "r0"), ("a", 1, "r1")]
+    assert "candidates" not in samples[0] and "votes" not in samples[0]
