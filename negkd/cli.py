@@ -76,7 +76,7 @@ def _wrap(fn):
                 raise
             fail(str(e))
         except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume", code=130)
+            fail("interrupted; rerun the same command to resume (training commands: add --resume)", code=130)
 
     return run
 

@@ -30,6 +30,8 @@ How it works (and why):
   so a call sequence is reproducible for the same prompts, ``batch_size``, ``seed`` and device.
   Sampled outputs depend on how prompts are grouped into calls; greedy outputs do not.
 - *Greedy*: ``greedy=True`` decodes one deterministic candidate per prompt (``n`` must be 1).
+- *Stop strings*: ``stop=["\\n\\nProblem:"]`` ends a row as soon as one appears (few-shot
+  prompts), so no compute is spent past it; the text is cut before it.
 
 Works with any model that has ``.generate`` (a plain ``PreTrainedModel``, a ``PeftModel``,
 merged or not, or a NAT model from ``negkd.nat.load``).
@@ -102,12 +104,15 @@ def iter_generate(
     greedy: bool = False,
     add_special_tokens: bool = True,
     on_tokens: Callable[[int, int], None] | None = None,
+    stop: Sequence[str] | None = None,
 ) -> Iterator[tuple[int, list[Generation]]]:
     """Yield ``(prompt index, n generations)`` as each prompt's candidates are all done.
 
     ``on_tokens(sequences, tokens)`` is called after every ``model.generate`` call (for
     progress bars / throughput). ``add_special_tokens=False`` for prompts that already hold
-    the BOS token (e.g. rendered with a chat template).
+    the BOS token (e.g. rendered with a chat template). ``stop``: strings that end a
+    completion (transformers' ``stop_strings``, checked on the generated text, so a row stops
+    as soon as one appears); the text is cut *before* the stop string and ``finished`` is True.
     """
     import torch
 
@@ -138,6 +143,9 @@ def iter_generate(
         if not ids:
             raise ValueError(f"prompt {i} is empty after tokenization")
     gen_kwargs: dict = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
+    stops = [x for x in (stop or []) if x]
+    if stops:
+        gen_kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
     if greedy:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -164,7 +172,7 @@ def iter_generate(
                                      num_return_sequences=k, **gen_kwargs)
             # out: [len(rows) * k, width + T]; rows are grouped prompt-major (k copies per prompt)
             new = out[:, width:].cpu()
-            gens = _decode(tokenizer, new, set(eos))
+            gens = _decode(tokenizer, new, set(eos), pad_id, stops)
             if on_tokens is not None:
                 on_tokens(len(gens), sum(g.n_tokens for g in gens))
             for r, (i, _) in enumerate(call):
@@ -179,12 +187,14 @@ def iter_generate(
 def generate(model, tokenizer, prompts: Sequence[str], n: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 512, batch_size: int = 32, seed: int = 0,
              greedy: bool = False, add_special_tokens: bool = True,
-             on_tokens: Callable[[int, int], None] | None = None) -> list[list[Generation]]:
+             on_tokens: Callable[[int, int], None] | None = None,
+             stop: Sequence[str] | None = None) -> list[list[Generation]]:
     """``n`` completions for each prompt, in input order (see the module docstring)."""
     res: list[list[Generation] | None] = [None] * len(prompts)
     for i, gens in iter_generate(model, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                                 greedy=greedy, add_special_tokens=add_special_tokens, on_tokens=on_tokens):
+                                 greedy=greedy, add_special_tokens=add_special_tokens, on_tokens=on_tokens,
+                                 stop=stop):
         res[i] = gens
     return res  # type: ignore[return-value]
 
@@ -194,17 +204,26 @@ def _call_seed(seed: int, call_idx: int) -> int:
     return (int(seed) * 1_000_003 + call_idx * 0x9E3779B1) % (2**63 - 1)
 
 
-def _decode(tokenizer, new, eos: set[int]) -> list[Generation]:
-    """new: [rows, T] generated ids (right-padded after EOS). Cut each row at its first EOS."""
+def _decode(tokenizer, new, eos: set[int], pad_id: int | None = None,
+            stops: Sequence[str] = ()) -> list[Generation]:
+    """new: [rows, T] generated ids, padded after a row finished. Cut each row at its first EOS;
+    with stop strings, a row that ended on one (then padded) is cut before the stop string."""
     out = []
     for row in new.tolist():
         cut = next((t for t, tok in enumerate(row) if tok in eos), None)
-        if cut is None:
-            ids, n_tok, finished = row, len(row), False
-        else:
+        if cut is not None:
             ids, n_tok, finished = row[:cut], cut + 1, True
-        out.append(Generation(text=tokenizer.decode(ids, skip_special_tokens=True), n_tokens=n_tok,
-                              finished=finished))
+        else:
+            n_tok = len(row)
+            if stops and pad_id is not None:
+                while n_tok and row[n_tok - 1] == pad_id:  # padding after a stop-string stop
+                    n_tok -= 1
+            ids, finished = row[:n_tok], False
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        hit = [i for i in (text.find(x) for x in stops) if i >= 0]
+        if hit:
+            text, finished = text[: min(hit)], True
+        out.append(Generation(text=text, n_tokens=n_tok, finished=finished))
     return out
 
 

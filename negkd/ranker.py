@@ -29,6 +29,7 @@ and :func:`auc`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,7 +161,9 @@ def collate(rows: Sequence[tuple[list[int], int, int]], pad_id: int):
 # --------------------------------------------------------------------------- the model
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_module():
+    """The RankerModel class (defined lazily: torch is imported only when a ranker is built)."""
     import torch
 
     class RankerModel(torch.nn.Module):

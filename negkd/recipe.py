@@ -134,6 +134,9 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     from negkd.prompts import load_template
     from negkd.training import fit, lm_loss, lm_weight, make_accelerator, model_device, open_run
 
+    from negkd.modeling import quiet_libraries
+
+    quiet_libraries()
     template = load_template(dopts.template)
     # cheap checks first: inputs readable and non-empty before any model is loaded
     loaded = [load_rows(s) for s in sources]
@@ -211,7 +214,8 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     run.record_output("metrics.jsonl")
     manifest = run.finish(steps=res.step, world_size=acc.num_processes, data_stats=stats.as_dict(),
                           resumed_from=res.resumed_from,
-                          tokens_per_s=round(res.tokens_per_s, 1), padding_share=round(res.padding_share, 4))
+                          tokens_per_s=round(res.tokens_per_s, 1), padding_share=round(res.padding_share, 4),
+                          peak_gpu_memory_gb=round(res.peak_memory_gb, 3) if res.peak_memory_gb is not None else None)
     last = res.history[-1] if res.history else {}
     log(f"{recipe.command}: {res.step} steps, final loss {last.get('loss', float('nan')):.4f}, "
         f"{res.tokens_per_s:,.0f} tokens/s, {100 * res.padding_share:.1f}% padding -> {out}")

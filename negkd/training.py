@@ -87,6 +87,7 @@ class FitResult:
     tokens: int  # non-padding tokens processed by all processes in this invocation
     padded_tokens: int  # positions computed (incl. padding)
     history: list[dict] = field(default_factory=list)  # metrics records written in this invocation
+    peak_memory_gb: float | None = None  # CUDA only: peak allocated on this process's device
 
     @property
     def tokens_per_s(self) -> float:
@@ -321,6 +322,9 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
     wrapped, optimizer = acc.prepare(model, optimizer)
     unwrapped = acc.unwrap_model(wrapped)
     device = next(p.device for p in unwrapped.parameters() if p.requires_grad)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
 
     metrics_path = out_dir / METRICS
     step, resumed_from = 0, None
@@ -332,6 +336,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
             raise UserError(f"--resume: the checkpoint in {ck.parent} is at step {step}, beyond this run's {total} "
                             "steps; raise --max-steps/--epochs or pass --overwrite")
         log(f"resuming from {ck} (step {step}/{total})")
+    elif resume and main:
+        log(f"--resume: no checkpoint in {out_dir} yet; starting from step 0")
     elif ck is not None:
         raise UserError(f"{out_dir}: holds checkpoints of an earlier run (last: {ck.name}); pass --resume to continue "
                         "it or --overwrite to start over")
@@ -358,8 +364,10 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
 
     wrapped.train()
     try:
-        with progress(disable=not main) as bar:
-            task = bar.add_task(desc, total=total)
+        from rich.progress import TextColumn
+
+        with progress(TextColumn("loss {task.fields[loss]} lr {task.fields[lr]}"), disable=not main) as bar:
+            task = bar.add_task(desc, total=total, loss="-", lr="-")
             if step:
                 bar.update(task, completed=step)
             while step < total:
@@ -415,6 +423,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                         rec["tokens_per_s"] = round(vals[2] / dt, 1) if dt > 0 else None
                         rec["padding"] = round(1 - vals[2] / vals[3], 4)
                     rec["steps_per_s"] = round((step - last_log_step) / dt, 3) if dt > 0 else None
+                    if cuda:
+                        rec["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                     for k, v in zip(keys, vals[4:]):
                         rec[k] = v / wsum
                     rec.update({k: round(v, 6) for k, v in zip(ekeys, evec.tolist())})
@@ -443,7 +453,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
     seconds = time.perf_counter() - t_start
     return FitResult(model=unwrapped, step=step, total_steps=total, steps_per_epoch=plan.steps_per_epoch,
                      resumed_from=resumed_from, seconds=seconds, tokens=int(tot_tok), padded_tokens=int(tot_pad),
-                     history=history)
+                     history=history,
+                     peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
 
 
 def _sha(s: str) -> str:

@@ -113,7 +113,7 @@ def test_pretrain_text_has_no_finetuning_format_and_avoids_eval_questions(splits
         assert all(q not in d for q in list(avoid)[:50])
     # the equations in a document are that document's own: final value matches the statement's chain
     d = docs[0]
-    statement, eqs = d.split("\n")[0], d.split("\n")[1]
+    statement, eqs = d.split("\n")[0], "\n".join(d.split("\n")[1:])
     name = statement.split()[0]
     thing = statement.split(".")[0].split()[-1]
     ops, _, _ = arithgen.parse_question(f"{statement} How many {thing} does {name} have now?")

@@ -167,15 +167,23 @@ def test_resume_extends_run_and_merges_calibration(pipe, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["steps"] == 5
 
 
-def test_no_calibration_is_plain_kd(pipe, tmp_path):
+def test_no_calibration_is_plain_kd_and_gold_from_a_split_dir(pipe, tmp_path):
+    split = tmp_path / "split"  # a `negkd split` directory; neg.jsonl has 2 problems with no positive
+    split.mkdir()
+    _write(split / "pos.jsonl", _rows(10, True))
+    _write(split / "neg.jsonl", _rows(12, False))
     out = tmp_path / "kd"
-    _ok(["calibrate", str(pipe["pos"]), "-o", str(out), "--nat", str(pipe["nat"]), "--max-steps", "2",
+    _ok(["calibrate", str(split), "-o", str(out), "--nat", str(pipe["nat"]), "--max-steps", "2", "--with-gold",
          "--no-calibration", "--kd-weight", "1.0", "--beta-offset", "1.0", *FAST])
     mets = _records(out / "metrics.jsonl")
     assert all(m["beta_max"] == 0 and m["beta_min"] == 0 for m in mets)
     assert all(m["loss"] == pytest.approx(m["kd"], rel=1e-5) for m in mets)  # lam = 1: pure KD, weight 1
     assert not (out / "calibration.jsonl").exists()
-    assert json.loads((out / "negkd.json").read_text())["nce"]["calibration"] is False
+    meta = json.loads((out / "negkd.json").read_text())
+    assert meta["nce"]["calibration"] is False
+    assert meta["data_stats"]["kept"] == 10 + 12  # 10 positives + one gold solution per problem (12)
+    inputs = [Path(i["path"]).name for i in json.loads((out / "manifest.json").read_text())["inputs"]]
+    assert inputs == ["pos.jsonl", "nat", "neg.jsonl"]
 
 
 # ----------------------------------------------------------------------------- in-process: what each pass sees
@@ -221,7 +229,9 @@ def test_teacher_and_student_passes_and_gradient_flow(pipe, tmp_path):
     assert torch.allclose(beta, nce.calibration_weight(z_nat, z_neg, mask, 2.0), atol=1e-6)
     assert torch.all(beta > 0)
 
-    loss, logs = obj(student, batch)
+    skip = obj._skip(labels)
+    assert skip == min(e["n_prompt"] for e in examples) - 1 and skip > 0  # the shortest prompt
+    loss, logs = obj(student, batch)  # logits of the leading prompt positions are never computed
     plain = PeftModel.from_pretrained(load_model(str(pipe["base"]), device="cpu", dtype="float32"),
                                       str(tmp_path / "stu"))
     with torch.no_grad():
@@ -276,6 +286,12 @@ def test_bad_nat_dir_and_base_model_are_one_line_errors(pipe, tmp_path):
 
     meta = read_nat(pipe["nat"])
     assert resolve_base(meta, str(pipe["base"]), pipe["nat"]) == str(pipe["base"])
+    assert resolve_base(meta, None, pipe["nat"]) == str(Path(pipe["base"]).resolve())
+    from negkd.errors import UserError
+
+    moved = {**meta, "base_model": str(tmp_path / "gone"), "base_model_path": str(tmp_path / "gone")}
+    with pytest.raises(UserError, match="no longer exists"):
+        resolve_base(moved, None, pipe["nat"])
 
 
 def test_help_documents_every_flag(runner):

@@ -46,6 +46,17 @@ def test_chat_request_wire_format_and_response():
         assert r.attempts == 1 and stats.requests == 1 and stats.ok == 1 and stats.retries == 0
 
 
+@pytest.mark.parametrize("transport", ["pool", "openai"])
+def test_both_transports_send_auth_and_the_same_body(transport):
+    with FakeOpenAI(api_key="sk-abc") as srv:
+        r, _ = _run(_one(srv.url, "hi", n=2, seed=3, transport=transport, api_key="sk-abc"))
+        req = srv.requests[-1]
+        assert req.headers["authorization"] == "Bearer sk-abc" and req.headers["content-type"] == "application/json"
+        assert req.body == {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "n": 2,
+                            "temperature": 0.5, "top_p": 0.9, "max_tokens": 64, "seed": 3}
+        assert len(r.choices) == 2
+
+
 def test_completions_api_sends_text_prompt_and_stop():
     with FakeOpenAI(lambda req, i: (" 4.\n", "length")) as srv:
         async def go():
@@ -69,10 +80,11 @@ def test_completions_api_sends_text_prompt_and_stop():
     (malformed(), "malformed"),
     (empty_choices(), "empty_choices"),
 ])
-def test_transient_faults_are_retried_and_counted(fault, kind):
+@pytest.mark.parametrize("transport", ["pool", "openai"])
+def test_transient_faults_are_retried_and_counted(fault, kind, transport):
     with FakeOpenAI() as srv:
         srv.inject(fault, fault)
-        r, stats = _run(_one(srv.url))
+        r, stats = _run(_one(srv.url, transport=transport))
         assert r.attempts == 3 and len(r.choices) == 1
         assert stats.requests == 3 and stats.retries == 2 and stats.ok == 1 and stats.failed == 0
         assert stats.errors == {kind: 2}
@@ -87,16 +99,18 @@ def test_retry_after_is_honoured_and_pauses_other_requests():
             async with Teacher(srv.url, "m", concurrency=4, **FAST) as t:
                 t0 = time.perf_counter()
                 first = asyncio.create_task(t.complete("a", PARAMS))
-                await asyncio.sleep(0.1)  # the 429 has arrived; a new request must wait out the pause
+                while not t.stats.errors:  # until the 429 has arrived: a new request must wait out the pause
+                    await asyncio.sleep(0.005)
+                t_429 = time.perf_counter()
                 second = await t.complete("b", PARAMS)
-                t_second = time.perf_counter() - t0
+                t_second = time.perf_counter() - t_429
                 r = await first
                 return r, second, t_second, time.perf_counter() - t0, t.stats
 
         r, second, t_second, total, stats = _run(go())
         assert r.attempts == 2 and second.attempts == 1
         assert total >= 0.3, "the retry came before Retry-After elapsed"
-        assert t_second >= 0.28, "a request sent during a 429 pause did not wait"
+        assert t_second >= 0.2, "a request sent during a 429 pause did not wait"
         assert stats.errors == {"status:429": 1}
 
 
@@ -125,7 +139,7 @@ def test_exponential_backoff_grows():
         t0 = time.perf_counter()
         r, _ = _run(_one(srv.url, backoff=0.05))
         # delays 0.05*{1,2,4} each scaled by U(0.5, 1): at least 0.175 s, at most 0.35 s
-        assert r.attempts == 4 and 0.17 <= time.perf_counter() - t0 < 1.5
+        assert r.attempts == 4 and 0.17 <= time.perf_counter() - t0 < 5.0  # upper bound loose: shared CPUs
 
 
 @pytest.mark.parametrize("status,code,needle", [
@@ -136,11 +150,12 @@ def test_exponential_backoff_grows():
     (422, None, "rejected the request"),
     (429, "insufficient_quota", "out of quota"),
 ])
-def test_fatal_statuses_are_not_retried(status, code, needle):
+@pytest.mark.parametrize("transport", ["pool", "openai"])
+def test_fatal_statuses_are_not_retried(status, code, needle, transport):
     with FakeOpenAI() as srv:
         srv.inject(http_error(status, code=code, message="nope"), times=5)
         with pytest.raises(FatalError) as ei:
-            _run(_one(srv.url))
+            _run(_one(srv.url, transport=transport))
         assert needle in str(ei.value) and ei.value.status == status
         assert len(srv.requests) == 1
 
@@ -168,6 +183,15 @@ def test_context_length_400_fails_only_that_request():
         with pytest.raises(RequestFailed) as ei:
             _run(_one(srv.url))
         assert ei.value.kind == "context_length" and ei.value.attempts == 1
+
+
+def test_max_tokens_renamed_for_models_that_want_max_completion_tokens():
+    with FakeOpenAI() as srv:
+        srv.inject(http_error(400, message="Unsupported parameter: 'max_tokens' is not supported with this "
+                                           "model. Use 'max_completion_tokens' instead."))
+        r, stats = _run(_one(srv.url))
+        assert r.attempts == 2 and "max_tokens" in srv.requests[0].body
+        assert srv.requests[1].body["max_completion_tokens"] == 64 and "max_tokens" not in srv.requests[1].body
 
 
 def test_other_4xx_fails_the_request_without_retry():
@@ -202,7 +226,7 @@ def test_rpm_limit_spaces_requests():
                 return time.perf_counter() - t0
 
         elapsed = _run(go())
-        assert 0.45 <= elapsed < 3.0  # 20 at once, then 10 more at 20/s
+        assert 0.45 <= elapsed < 10.0  # 20 at once, then 10 more at 20/s
 
 
 def test_token_bucket_waits_and_adjusts():
@@ -218,7 +242,7 @@ def test_token_bucket_waits_and_adjusts():
         return waited
 
     waited = _run(go())
-    assert 0.45 <= waited < 1.5
+    assert 0.45 <= waited < 5.0
 
 
 def test_tpm_limit_charges_max_tokens():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_cli import COMMON, invoke, metrics, write_split
+from test_train_cli import COMMON, invoke, metrics, write_split
 
 
 def _free_port() -> int:

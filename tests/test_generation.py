@@ -170,3 +170,17 @@ def test_peft_merged_and_unmerged_agree(lm, tiny_model, tmp_path):
     s_un = generate(unmerged, tok, PROMPTS, n=4, temperature=1.0, seed=3, **kw)
     s_me = generate(merged, tok, PROMPTS, n=4, temperature=1.0, seed=3, **kw)
     assert s_un == s_me
+
+
+def test_stop_strings_end_rows_early(lm):
+    import re as _re
+
+    model, tok = lm
+    kw = dict(n=1, temperature=1.0, max_new_tokens=32, seed=5)
+    full = generate(model, tok, PROMPTS[:1], **kw)[0][0]
+    m = _re.search(r"[A-Za-z]{3}", full.text[4:])  # an ASCII stop string the sample produces
+    assert m, full.text
+    stop = m.group(0)
+    cut = generate(model, tok, PROMPTS[:1], stop=[stop], **kw)[0][0]
+    assert cut.finished and cut.text == full.text[: full.text.find(stop)]
+    assert cut.n_tokens < full.n_tokens  # generation really stopped there: no tokens spent past it

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -229,8 +228,8 @@ def test_limit_shard_template_and_chat(runner, tmp_path, tiny_model, scripted):
     be = scripted(lambda q, n: ["\\boxed{2}"] * n)
     r = _infer(runner, probs, "-o", tmp_path / "s", "--model", tiny_model, "--n", 1, "--limit", 7, "--shard", "2/3")
     assert r.exit_code == 0, r.output
-    assert [x["id"] for x in read_jsonl(tmp_path / "s" / "predictions.jsonl")] == ["q1", "q4"]
-    assert be.prompts[0].startswith("Problem:\nAnn has 1 apples")
+    assert [x["id"] for x in read_jsonl(tmp_path / "s" / "predictions.jsonl")] == ["q2", "q5"]
+    assert be.prompts[0].startswith("Problem:\nAnn has 2 apples")
     # a template recorded in an adapter's negkd metadata is the default; chat wraps it
     ad = make_adapter(tiny_model, tmp_path / "ad", template="Q: {question}\nProblem:\n{question}\nSolution:\n")
     be = scripted(lambda q, n: ["\\boxed{2}"] * n)
@@ -252,7 +251,7 @@ def _tok(path):
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--shard", "4/3"], "--shard"),
+    (["--shard", "3/3"], "--shard"),
     (["--shard", "x"], "--shard"),
     (["--asc-weight", "2s"], "--asc-weight"),
     (["--n", "0"], "--n"),

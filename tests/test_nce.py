@@ -204,3 +204,59 @@ def test_shift_aligns_causal_lm_logits():
     lg, lb = nce.shift(logits, labels)
     assert lg.shape == (2, 3, 3) and lb.tolist() == [[-100, 5, 6], [7, 8, -100]]
     assert torch.equal(lg[0, 1], logits[0, 1])  # position 1 predicts token 2
+
+
+def test_row_chunked_teacher_quantities_match_unchunked(monkeypatch):
+    torch.manual_seed(4)
+    a, b = torch.randn(3, 7, 13) * 3, torch.randn(3, 7, 13) * 3
+    full_kl = (torch.softmax(a / 2, -1) * (torch.log_softmax(a / 2, -1) - torch.log_softmax(b / 2, -1))).sum(-1)
+    full_p = torch.softmax(b / 2, -1)
+    monkeypatch.setattr(nce, "CHUNK_ELEMS", 13 * 2)  # 2 rows per chunk, uneven split of 7
+    assert torch.allclose(nce.token_kl(a, b, 2.0), full_kl, atol=1e-6)
+    assert torch.allclose(nce.teacher_probs(b, 2.0), full_p, atol=1e-7)
+    # shifted (non-contiguous) views work too, and 2-D / 1-D inputs
+    assert torch.allclose(nce.token_kl(a[:, :-1], b[:, :-1], 2.0), full_kl[:, :-1], atol=1e-6)
+    assert torch.allclose(nce.teacher_probs(b[0], 2.0), full_p[0], atol=1e-7)
+    assert torch.allclose(nce.token_kl(a[0, 0], b[0, 0], 2.0), full_kl[0, 0], atol=1e-6)
+
+
+def test_soft_cross_entropy_with_minus_inf_student_logprob():
+    p = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    lp = torch.log_softmax(torch.tensor([[float("-inf"), 0.0, 1.0], [0.0, 1.0, 2.0]]), -1)
+    got = nce.soft_cross_entropy(p, lp)
+    want0 = -(0.5 * lp[0, 1] + 0.5 * lp[0, 2])
+    assert torch.isfinite(got).all() and got[0].item() == pytest.approx(want0.item(), rel=1e-6)
+    assert got[1].item() == pytest.approx(-(p[1] * lp[1]).sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_nce_loss_value_and_gradient_match_reference_formula(T):
+    """The fused T = 1 path (one soft target) and the general path equal eq. (3) written out."""
+    torch.manual_seed(5)
+    S = torch.randn(3, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    p = nce.teacher_probs(torch.randn(3, 5, 11), T)
+    beta = torch.tensor([0.1, 0.6, 0.3])
+    lam, c = 0.4, 0.5
+    mask = labels != -100
+    n = mask.sum()
+    lp1 = torch.log_softmax(S, -1)
+    lpT = torch.log_softmax(S / T, -1)
+    ce_ref = -(lp1.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * mask).sum() / n
+    kd_ref = T * T * (-(p * lpT).sum(-1) * (c + beta)[:, None] * mask).sum() / n
+    ref = (1 - lam) * ce_ref + lam * kd_ref
+    g_ref, = torch.autograd.grad(ref, S)
+
+    p_in = p.clone()
+    loss, parts = nce.nce_loss(S, labels, p_in, beta, kd_weight=lam, temperature=T, beta_offset=c)
+    assert torch.equal(p_in, p)  # not consumed unless asked
+    g, = torch.autograd.grad(loss, S)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert parts["ce"].item() == pytest.approx(ce_ref.item(), rel=1e-6)
+    assert parts["kd"].item() == pytest.approx(kd_ref.item(), rel=1e-6)
+    assert torch.allclose(g, g_ref, atol=1e-7)
+    loss2, _ = nce.nce_loss(S, labels, p.clone(), beta, kd_weight=lam, temperature=T, beta_offset=c,
+                            consume_teacher=True)
+    assert loss2.item() == pytest.approx(ref.item(), rel=1e-6)

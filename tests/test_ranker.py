@@ -237,7 +237,7 @@ def test_infer_uses_a_trained_ranker(trained, runner, tmp_path, tiny_model, monk
         s = [c["score"] for c in rec["candidates"]]
         assert all(0 < x < 1 for x in s) and s[2] > s[0]
         assert rec["votes"]["sc"] == "-1"
-        assert set(rec["votes"]) == {"sc", "asc:1", "asc:1+2s", "asc:1+s", "asc:s", "asc"}
+        assert set(rec["votes"]) == {"sc", "asc:1", "asc:1+2s", "asc:1+s", "asc:s"}
 
 
 def test_help(runner):
@@ -246,3 +246,27 @@ def test_help(runner):
     for flag in ("--base-model", "--loss", "--val-fraction", "--pairs-per-question", "--epochs", "--lr",
                  "--batch-size", "--max-length", "--resume", "--lora-r", "Example: negkd train-ranker"):
         assert flag in r.output, flag
+
+
+def test_recipe_infer_split_train_ranker(runner, tmp_path, tiny_model, monkeypatch):
+    """The documented recipe: infer on training problems -> split its predictions -> train-ranker."""
+    from test_infer import Scripted
+
+    be = Scripted(lambda q, n: ["VERIFIED so \\boxed{" + str(2 * int(q.split()[2]) + 1) + "}",
+                                "WRONG so \\boxed{0}", "no answer"][:n])
+    monkeypatch.setattr("negkd.steps.infer._make_backend", lambda *a, **k: be)
+    probs = write_problems(tmp_path / "train.jsonl", 6, start=1)
+    r = runner.invoke(app, ["infer", str(probs), "-o", str(tmp_path / "pred"), "--model", str(tiny_model),
+                            "--n", "3"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["split", str(tmp_path / "pred" / "predictions.jsonl"), "-o", str(tmp_path / "split"),
+                            "--workers", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert len(read_jsonl(tmp_path / "split" / "pos.jsonl")) == 6
+    r = runner.invoke(app, ["train-ranker", str(tmp_path / "split"), "-o", str(tmp_path / "rk"), "--base-model",
+                            str(tiny_model), "--max-steps", "2", "--max-length", "48", "--head-dim", "8",
+                            "--val-fraction", "0.34", "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rk" / "val_metrics.json").read_text())
+    assert m["questions"] == 2 and m["pairs"] == 2 * 1 * 2  # 1 positive x 2 negatives per held-out question
+    assert m["train_pairs"] == 4 * 2

@@ -63,6 +63,9 @@ def test_full_run_with_every_fault_kind(runner, server, tmp_path):
     assert keys_of(recs) == sorted(keys_of(recs), key=lambda x: (int(x[0][1:]), x[1])), "not in problem order"
     assert (out / "errors.jsonl").read_text() == ""
     assert server.pending_faults() == 0
+    from negkd.schemas import read_samples
+
+    assert len(read_samples(out / "samples.jsonl")) == 18  # what `negkd split` reads
     man = json.loads((out / "manifest.json").read_text())
     errs = man["this_run"]["errors"]
     assert errs == {"status:429": 1, "status:500": 1, "status:502": 1, "timeout": 1, "connection": 1,
@@ -272,6 +275,10 @@ def test_bad_options_are_usage_errors(runner, server, tmp_path):
     assert r.exit_code == 1 and "--base-url" in r.output
     r = sample(runner, server, probs, tmp_path / "run", "--prompt", "no-such-prompt")
     assert r.exit_code == 1 and "not a built-in prompt" in r.output
+    r = sample(runner, server, probs, tmp_path / "run", "--backend", "hf", "--temperature", "0")
+    assert r.exit_code == 1 and "--temperature must be > 0" in r.output
+    r = sample(runner, server, probs, tmp_path / "run", "--chat-template")
+    assert r.exit_code == 1 and "applies to --backend hf" in r.output
     assert not (tmp_path / "run").exists()
 
 

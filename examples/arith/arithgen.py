@@ -360,13 +360,14 @@ def pretrain_text(rng: random.Random, avoid: set[str] = frozenset()) -> str:
             eqs.append(f"{op[1]} * {op[2]} = {y}")
         elif op[0] == "bags":
             c = op[1] * op[2]
-            eqs.append(f"{op[1]} * {op[2]} = {c}, {x} + {c} = {y}")
+            eqs.append(f"{op[1]} * {op[2]} = {c}")
+            eqs.append(f"{x} + {c} = {y}")
         else:
             sym = {"add": "+", "sub": "-", "times": "*"}[op[0]]
             eqs.append(f"{x} {sym} {op[1]} = {y}")
         x = y
     statement = " ".join(_sentence(op, name, thing) for op in ops)
-    return f"{statement}\n{'; '.join(eqs) if eqs else x}. {name} has {x} {thing}.\n"
+    return statement + "\n" + "".join(e + "\n" for e in eqs) + f"{name} has {x} {thing}.\n"
 
 
 def main(argv=None) -> None:

@@ -70,12 +70,16 @@ def run_dir(tag: str, seed: int, variant: str, lr: float) -> Path:
     return WORK / tag / f"seed{seed}" / f"{variant}-lr{lr:g}"
 
 
+def pred_dir(tag: str, seed: int, variant: str, lr: float) -> Path:
+    return WORK / tag / f"seed{seed}" / f"{variant}-lr{lr:g}-pred"
+
+
 def best_variant(tag: str, seeds: list[int], lrs: dict) -> str:
     """The variant with the highest mean greedy accuracy on the val split (never the test split)."""
     def val(v):
         accs = []
         for s in seeds:
-            c = correctness(run_dir(tag, s, v, lrs[v]) / "pred" / "predictions.jsonl", prefix="val")
+            c = correctness(pred_dir(tag, s, v, lrs[v]) / "predictions.jsonl", prefix="val")
             accs.append(sum(c.values()) / len(c))
         return sum(accs) / len(accs)
 
@@ -88,6 +92,9 @@ def _eval_overall(metrics_dir: Path) -> float | None:
     if not p.is_file():
         return None
     m = json.loads(p.read_text())
+    files = m.get("files") if isinstance(m, dict) else None
+    if isinstance(files, dict) and len(files) == 1:  # negkd eval: {"files": {label: {"overall": {...}}}}
+        m = next(iter(files.values()))
 
     def find(o, depth=0):
         if depth > 4 or not isinstance(o, dict):
@@ -108,6 +115,18 @@ def _eval_overall(metrics_dir: Path) -> float | None:
         return None
 
     return find(m)
+
+
+def _final_loss(d: Path) -> str:
+    """The last training-loss record in metrics.jsonl (per completion token; NCE: its mixed objective)."""
+    f = d / "metrics.jsonl"
+    last = None
+    if f.is_file():
+        for line in f.open():
+            r = json.loads(line)
+            if isinstance(r.get("loss"), (int, float)):
+                last = r["loss"]
+    return "?" if last is None else f"{last:.2f}"
 
 
 def _fmt(m: float, s: float, n: int) -> str:
@@ -132,14 +151,13 @@ def collect(tag: str, seeds: list[int], lrs: dict) -> dict:
     check = []
     for v in ORDER:
         for s in seeds:
-            pred = run_dir(tag, s, v, lrs[v]) / "pred"
+            pred = pred_dir(tag, s, v, lrs[v])
             for split in ("val", "test", "ood"):
                 c = correctness(pred / "predictions.jsonl", prefix=split)
                 res[v][split].append(c)
                 ev = _eval_overall(pred / f"eval-{split}" / "metrics")
                 if ev is not None:
                     mine = 100 * sum(c.values()) / len(c)
-                    ev = ev * 100 if ev <= 1 else ev
                     check.append(abs(ev - mine) < 0.051)
     res["_eval_agrees"] = (sum(check), len(check))
     return res
@@ -191,13 +209,26 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
              "steps (more than any training problem), val = 150 (LR tuning / model selection only). "
              "Greedy decoding, accuracy in %.\n")
 
+    pj, pb = WORK / "base" / "pretrain.json", WORK / "base" / "probe.json"
+    if pj.is_file():
+        info = json.loads(pj.read_text())
+        L.append("## Base model\n")
+        L.append(f"Pretrained {info['stamp']['steps']} steps x 8 x 256 tokens ({info['tokens'] / 1e6:.2f}M tokens) "
+                 f"in {info['seconds'] / 60:.1f} min, final LM loss {info['final_loss']:.3f}, "
+                 f"{info['parameters'] / 1e6:.2f}M parameters.")
+        if pb.is_file():
+            pr = json.loads(pb.read_text())
+            L.append(f"Probe in its own pretraining format (`probe_base.py`, greedy, {pr['problems']} test "
+                     f"statements): final value right on {pr['final_answer_right']}, first equation built from "
+                     f"the statement's numbers on {pr['first_equation_copies_statement_numbers']}.")
+        L.append("")
     L.append("## Teacher data\n")
     L += teacher_stats(tag, seeds)
     L.append("")
 
     L.append("## Greedy accuracy (mean ± std over seeds)\n")
-    L.append("| method | test | OOD | test L1 | L2 | L3 | L4 | L5 | per-seed test |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| method | test | OOD | test L1 | L2 | L3 | L4 | L5 | per-seed test | final train loss |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     acc = {}
     for v in ORDER:
         row = [NAMES[v]]
@@ -210,6 +241,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
                    for c in res[v]["test"]]
             row.append(f"{stats.mean_std(per)[0]:.0f}")
         row.append(" / ".join(f"{x:.1f}" for x in acc[(v, "test")]))
+        row.append(" / ".join(_final_loss(run_dir(tag, s, v, lrs[v])) for s in seeds))
         L.append("| " + " | ".join(row) + " |")
     agree, total = res["_eval_agrees"]
     L.append(f"\nPer-problem grading recomputed with `negkd.grading.equivalent`; it matches `negkd eval`'s "
@@ -252,7 +284,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
             vote.setdefault(rule, []).append(correctness(f, rule))
         vote.setdefault("pass", []).append(pass_at_n(f))
     if vote:
-        L.append(f"Test split, {runmod.VOTE_N} samples per problem at temperature 0.7 "
+        L.append(f"Every {runmod.VOTE_EVERY}rd test problem ({len(vote['sc'][0])} problems), {runmod.VOTE_N} samples per problem at temperature 0.7 "
                  "(\"first sample\" is the first sampled candidate, not greedy).\n")
         L.append("| rule | test accuracy | per seed |")
         L.append("|---|---|---|")
@@ -273,12 +305,9 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
             L.append(f"| {rule} vs SC | {d:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {n10} / {n01} | {p:.3g} |")
         L.append("")
         for s in seeds:
-            man = WORK / tag / f"seed{s}" / "ranker" / "manifest.json"
-            if man.is_file():
-                m = json.loads(man.read_text())
-                keys = {k: v for k, v in m.items() if "acc" in k.lower() or "pair" in k.lower()}
-                if keys:
-                    L.append(f"Ranker (seed {s}): {json.dumps(keys)[:300]}\n")
+            vm = WORK / tag / f"seed{s}" / "ranker" / "val_metrics.json"
+            if vm.is_file():
+                L.append(f"Ranker held-out questions (seed {s}): `{json.dumps(json.loads(vm.read_text()))[:400]}`\n")
     else:
         L.append("(not run)\n")
 
@@ -299,6 +328,11 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
         direction = "higher" if d > 0 else ("lower" if d < 0 else "equal")
         return f"- {claim}: {NAMES.get(a, a)} is {abs(d):.1f} points {direction} than {NAMES.get(b, b)} on {split} (McNemar p = {p:.3g}, {sig})."
 
+    top = max(stats.mean_std(acc[(v, "test")])[0] for v in ORDER)
+    if top < 10:
+        L.append(f"- **Caveat: the best student reaches only {top:.1f}% greedy test accuracy, so the students "
+                 "have not learnt the task and none of the comparisons below says anything about the method.** "
+                 "See the base-model probe above: the base cannot yet copy numbers from the statement.")
     L.append(say("nat", "cotkd", "test", "NAT beats CoT-KD?"))
     L.append(say("nat", "cotkd", "ood", "NAT beats CoT-KD out of distribution?"))
     L.append(say("mix", "cotkd", "test", "MIX hurts?"))

@@ -14,7 +14,11 @@ One copy of the base model is in memory. Per micro-batch::
         z_stu -> L = (1 - lam) CE + lam (c + beta_seq) T^2 softCE(p_nat -> student)
 
 The NAT unit stays in mode "off" outside the teacher passes, so a backward pass that
-recomputes activations (``--gradient-checkpointing``) sees the student model.
+recomputes activations (``--gradient-checkpointing``) sees the student model. All three passes
+skip the logits of leading positions no row trains on (the shortest prompt of the batch) when
+the model's forward takes ``logits_to_keep``. At T = 1 the CE and KD terms are one soft-target
+cross-entropy built in ``p_nat``'s memory, so the student pass holds one extra vocabulary-sized
+tensor compared with plain SFT.
 
 setup -> read NAT checkpoint -> read data -> load base -> student LoRA + NAT -> fit -> save
 """
@@ -55,32 +59,52 @@ class NCEObjective:
         self.record = Path(record) if record is not None else None
         self.sources = sources
         self._betas: list = []  # (B,) tensors since the last metrics() call
+        self._keep_ok: bool | None = None  # does the model's forward take logits_to_keep?
         self._kls: list = []
 
+    # -- which logits are needed -------------------------------------------------
+    def _skip(self, labels) -> int:
+        """Leading positions no row of the batch trains on (the shortest prompt): their logits are
+        never computed, in any of the three passes, when the model supports ``logits_to_keep``."""
+        import inspect
+
+        from negkd import nce
+
+        if self._keep_ok is None:
+            fwd = self.model.get_base_model().forward
+            self._keep_ok = "logits_to_keep" in inspect.signature(fwd).parameters
+        counted = (labels[:, 1:] != nce.IGNORE_INDEX).any(0)  # (L-1,)
+        if not self._keep_ok or not bool(counted.any()):
+            return 0
+        return int(counted.int().argmax())  # first position whose next token is a target
+
+    def _forward(self, model, input_ids, attention_mask, skip: int):
+        kw = {"logits_to_keep": input_ids.shape[1] - skip} if skip else {}
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits
+
     # -- teacher -----------------------------------------------------------------
-    def teacher(self, input_ids, attention_mask, labels):
-        """(p_nat (B, L-1, V) float32, beta (B,), kl (B,), mask (B, L-1)) without gradients."""
+    def teacher(self, input_ids, attention_mask, labels, skip: int = 0):
+        """(p_nat (B, L-1-skip, V) float32, beta (B,), kl (B,), mask (B, L-1-skip)) without gradients.
+
+        Aligned like ``nce.shift``: position t predicts ``labels[:, skip + t + 1]``."""
         import torch
 
         from negkd import nat, nce
 
         m = self.model
-        mask = labels[:, 1:] != nce.IGNORE_INDEX  # (B, L-1)
+        mask = labels[:, skip + 1:] != nce.IGNORE_INDEX  # (B, L-1-skip)
         was_training = m.training
         m.eval()  # no dropout: the teacher and beta are deterministic per example
         try:
             with torch.no_grad(), m.disable_adapter():
                 with nat.using_mode(m, "nat"):
-                    z_nat = m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+                    z_nat = self._forward(m, input_ids, attention_mask, skip)[:, :-1]  # (B, L-1-skip, V)
                 if self.calibrate:
                     with nat.using_mode(m, "neg-only"):
-                        z_neg = m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-                    kl_tok = nce.token_kl(z_neg, z_nat, self.temperature)  # (B, L-1): KL(p_neg || p_nat)
+                        z_neg = self._forward(m, input_ids, attention_mask, skip)[:, :-1]
+                    kl = nce.sequence_kl(z_nat, z_neg, mask, self.temperature)  # (B,) mean KL(p_neg || p_nat)
                     del z_neg
-                    msk = mask.to(kl_tok.dtype)
-                    kl = (kl_tok * msk).sum(-1) / msk.sum(-1).clamp_min(1.0)  # (B,)
                     beta = torch.tanh(kl)  # eq. (1); 0 for a row without targets
-                    del kl_tok
                 else:
                     kl = beta = torch.zeros(input_ids.shape[0], device=z_nat.device)
                 p_nat = nce.teacher_probs(z_nat, self.temperature)  # (B, L-1, V) float32
@@ -95,11 +119,14 @@ class NCEObjective:
         from negkd import nce
 
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        p_nat, beta, kl, mask = self.teacher(ids, am, labels)
-        out = model(input_ids=ids, attention_mask=am, use_cache=False)  # NAT unit is "off": the student
-        z_stu, y = nce.shift(out.logits, labels)  # (B, L-1, V), (B, L-1)
+        skip = self._skip(labels)
+        p_nat, beta, kl, mask = self.teacher(ids, am, labels, skip)
+        z = self._forward(model, ids, am, skip)  # NAT unit is "off": the student; (B, L-skip, V)
+        z_stu, y = nce.shift(z, labels[:, skip:])  # (B, L-1-skip, V), (B, L-1-skip)
         loss, parts = nce.nce_loss(z_stu, y, p_nat, beta, mask, kd_weight=self.kd_weight,
-                                   temperature=self.temperature, beta_offset=self.beta_offset)
+                                   temperature=self.temperature, beta_offset=self.beta_offset,
+                                   consume_teacher=True)  # p_nat's memory becomes the soft target
+        del p_nat
         self._betas.append(beta.detach())
         self._kls.append(kl.detach())
         if self.record is not None and self.calibrate:
@@ -209,6 +236,10 @@ def resolve_base(meta: dict, given: str | None, nat_dir: Path) -> str:
     from negkd import nat, recipe
 
     if given is None:
+        path = meta.get("base_model_path")
+        if path and Path(path).is_absolute() and not Path(path).exists() and not Path(meta["base_model"]).is_dir():
+            raise UserError(f"--nat {nat_dir}: its base model {path} no longer exists; pass --base-model with the "
+                            "model's new location")
         return nat.resolve_base(meta)
     recorded = {k: meta.get(k) for k in ("base_model", "base_model_path", "base_config_sha256")}
     if given == meta.get("base_model") or recipe.same_base(recipe.base_identity(given), recorded):
@@ -269,8 +300,10 @@ def command(
         "--no-calibration", help="Ablation: beta = 0 for every sequence (plain KD from the NAT model, weight c); "
                                  "skips the Neg-LoRA-only teacher pass.", rich_help_panel="NCE")] = False,
     with_gold: Annotated[bool, typer.Option(
-        "--with-gold", help="Add each problem's gold `solution` (when the input records carry one) as an extra "
-                            "example with the solution as completion.", rich_help_panel="Data")] = False,
+        "--with-gold", help="Add each problem's gold `solution` (when the records carry one) as an extra example "
+                            "with the solution as completion: the problems of POS, and with a `negkd split` "
+                            "directory also those of its neg.jsonl (problems the teacher never solved).",
+        rich_help_panel="Data")] = False,
     template: TemplateOpt = None,
     chat_template: ChatTemplateOpt = None,
     loss_on_prompt: T.LossOnPrompt = False,
@@ -343,9 +376,19 @@ def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offse
     tmpl = load_template(template if template is not None else meta_nat.get("template"))
     chat = bool(meta_nat.get("chat_template", False)) if chat_template is None else chat_template
     pos_path, rows = recipe.load_rows(recipe.DataSource(pos, ("pos.jsonl",), True, "positives", "POS"))
-    golds = gold_rows(rows) if with_gold else []
-    if with_gold and not golds:
-        warn(f"--with-gold: no record of {pos_path} carries a gold 'solution'; training on the rationales only")
+    inputs = [pos_path, nat_dir]
+    golds: list[dict] = []
+    if with_gold:
+        problems = rows
+        neg_path = Path(pos) / "neg.jsonl"
+        if Path(pos).is_dir() and neg_path.exists():  # a split dir: also the problems with no positive
+            from negkd.schemas import read_graded
+
+            problems = rows + read_graded(neg_path)
+            inputs.append(neg_path)
+        golds = gold_rows(problems)
+        if not golds:
+            warn(f"--with-gold: no problem record in {pos} carries a gold 'solution'; training on the rationales only")
 
     from negkd.training import make_accelerator, open_run
 
@@ -358,7 +401,7 @@ def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offse
                              trust_remote_code=trust_remote_code)
     dopts = recipe.DataOpts(template=tmpl, chat_template=chat, loss_on_prompt=loss_on_prompt, max_length=max_length)
     args = recipe.run_args(mopts, dopts, cfg, nce_args)
-    run = open_run(output, "calibrate", args, [pos_path, nat_dir], overwrite=overwrite, resume=resume, main=main)
+    run = open_run(output, "calibrate", args, inputs, overwrite=overwrite, resume=resume, main=main)
     acc.wait_for_everyone()
     if run is None:
         return None

@@ -210,6 +210,7 @@ def _pct(x) -> str:
 
 
 def _print(metrics: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from negkd.console import out
@@ -219,13 +220,13 @@ def _print(metrics: dict) -> None:
     keys: list[str] = []
     for m in files.values():
         keys += [k for k in m["overall"] if k not in keys and k != "records" and ":records" not in k]
-    table = Table(title="accuracy (%)  (N = candidates per question)", title_justify="left")
+    table = Table(title="accuracy %", caption="N = candidates per question", title_justify="left")
     table.add_column("metric")
     for lab in files:
         table.add_column(f"{lab} (N={n_of[lab]})", justify="right")
     table.add_row("records", *[f"{m['overall']['records']:,}" for m in files.values()])
     for key in keys:
-        table.add_row(key, *[_pct(m["overall"].get(key)) for m in files.values()])
+        table.add_row(escape(key), *[_pct(m["overall"].get(key)) for m in files.values()])
     out.print(table)
 
     for title, part in (("subject", "by_subject"), ("level", "by_level")):
@@ -234,7 +235,7 @@ def _print(metrics: dict) -> None:
             names += [s for s in m[part] if s not in names]
         if names == ["-"]:
             continue
-        table = Table(title=f"greedy / maj@N by {title} (%)", title_justify="left")
+        table = Table(title=f"greedy / maj@N % by {title}", title_justify="left")
         table.add_column(title)
         for lab in files:
             table.add_column(f"{lab} n", justify="right")
@@ -250,7 +251,7 @@ def _print(metrics: dict) -> None:
 
     rules = sorted({rule for m in files.values() for rule in m["asc_overturns"]})
     if rules:
-        table = Table(title="ASC vs majority (sc): overturned / right / wrong", title_justify="left")
+        table = Table(title="ASC vs sc", caption="overturned / right / wrong", title_justify="left")
         table.add_column("rule")
         for lab in files:
             table.add_column(lab, justify="right")

@@ -81,20 +81,21 @@ def command(
                                         rich_help_panel=_RUN)] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N problems (applied before --shard).",
                                                  rich_help_panel=_RUN)] = None,
-    shard: Annotated[Optional[str], typer.Option(help="K/N: only problems whose position i (0-based, after --limit) "
-                                                      "has i mod N == K-1, K in 1..N. Run each shard into its own -o "
-                                                      "and concatenate the predictions.jsonl files for eval.",
+    shard: Annotated[Optional[str], typer.Option(help="K/N with 0 <= K < N (as in `negkd sample`): only problems "
+                                                      "whose position i (after --limit) has i mod N == K. Run each "
+                                                      "shard into its own -o and pass all the directories to eval "
+                                                      "or concatenate their predictions.jsonl.",
                                                  rich_help_panel=_RUN)] = None,
     backend: Annotated[Backend, typer.Option(help="hf: batched transformers generate (default); openai: any "
                                                   "OpenAI-compatible server (--base-url, e.g. `vllm serve BASE "
                                                   "--enable-lora --lora-modules student=ADAPTER`); vllm: offline "
-                                                  "vllm.LLM with the LoRA (pip install 'negkd[vllm]').",
+                                                  "vllm.LLM with the LoRA (pip install 'negkd\\[vllm]').",
                                              rich_help_panel=_MODEL)] = Backend.hf,
     base_url: Annotated[Optional[str], typer.Option(help="openai backend: the server's base URL, e.g. "
                                                          "http://localhost:8000/v1.", rich_help_panel=_MODEL)] = None,
     served_model: Annotated[Optional[str], typer.Option(help="openai backend: the model name to request (default: "
-                                                             "--model as given). For a LoRA served by vLLM, its "
-                                                             "--lora-modules name.", rich_help_panel=_MODEL)] = None,
+                                                             "--model, when it is a base model). For a LoRA served by "
+                                                             "vLLM: its --lora-modules name (required then).", rich_help_panel=_MODEL)] = None,
     api_key_env: Annotated[str, typer.Option(help="openai backend: environment variable holding the API key "
                                                   "(a local server accepts any).", rich_help_panel=_MODEL)] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option(help="openai backend: requests in flight.", rich_help_panel=_MODEL)] = 32,
@@ -115,7 +116,7 @@ def command(
     load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="hf: quantize the base to 8-bit.",
                                                rich_help_panel=_MODEL)] = False,
     merge: Annotated[bool, typer.Option(help="hf: merge the LoRA into the base weights before generating (faster; "
-                                             "same outputs). Never done on a quantized base.",
+                                             "same outputs up to rounding). Never done on a quantized base.",
                                         rich_help_panel=_MODEL)] = True,
     ranker_batch_size: Annotated[int, typer.Option(help="Rationales per ranker forward pass.",
                                                    rich_help_panel=_VOTE)] = 32,
@@ -179,7 +180,8 @@ def command(
         raise UserError("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if backend is not Backend.openai and base_url:
         raise UserError("--base-url is for --backend openai only")
-    meta = read_meta(spec["adapter"] or spec["nat"] or "") if (spec["adapter"] or spec["nat"]) else {}
+    trained = spec["adapter"] or spec["nat"]  # negkd metadata: the template the student was trained with
+    meta = read_meta(trained) if trained else {}
     tmpl = load_template(template if template is not None else meta.get("template"))
     chat = bool(meta.get("chat_template", False)) if chat_template is None else chat_template
 
@@ -189,7 +191,7 @@ def command(
     if limit is not None:
         probs = probs[:limit]
     if shard_n > 1:
-        probs = [p for i, p in enumerate(probs) if i % shard_n == shard_k - 1]
+        probs = probs[shard_k::shard_n]
     if not probs:
         raise UserError(f"{path}: no problems selected (check --limit / --shard)")
 
@@ -225,6 +227,9 @@ def command(
 
         scorer = load_ranker(ranker_dir, device=device, dtype=dtype)
 
+    if overwrite:
+        (run.out / PREDICTIONS).unlink(missing_ok=True)
+        (run.out / STATE).unlink(missing_ok=True)
     run.start()
     _write_state(run)
     if done_ids:
@@ -249,15 +254,15 @@ def command(
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N; None -> (1, 1)."""
+    """``"K/N"`` -> ``(K, N)`` with 0 <= K < N (the convention of ``negkd sample``); None -> (0, 1)."""
     if spec is None:
-        return 1, 1
+        return 0, 1
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
     if not m:
-        raise UserError(f"--shard {spec!r}: expected K/N, e.g. 1/4 (shard K of N, K in 1..N)")
+        raise UserError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shard K of N, 0 <= K < N)")
     k, n_ = int(m.group(1)), int(m.group(2))
-    if n_ < 1 or not 1 <= k <= n_:
-        raise UserError(f"--shard {spec!r}: need 1 <= K <= N")
+    if n_ < 1 or not 0 <= k < n_:
+        raise UserError(f"--shard {spec!r}: need 0 <= K < N")
     return k, n_
 
 
@@ -289,9 +294,7 @@ def _prepare_resume(run, overwrite: bool, ids: set[str]) -> set[str]:
 
     pred = run.out / PREDICTIONS
     state = run.out / STATE
-    if overwrite:
-        pred.unlink(missing_ok=True)
-        state.unlink(missing_ok=True)
+    if overwrite:  # the old files are removed only once the model has loaded (see command)
         return set()
     if not pred.exists():
         return set()

@@ -128,16 +128,12 @@ def command(
 ) -> None:
     """Sample N chain-of-thought rationales per problem from a teacher model.
 
-    Writes DIR/samples.jsonl (one line per (id, k): the problem, k, rationale, meta with seed,
-    finish_reason and usage), DIR/errors.jsonl (samples that failed for good, with the reason)
-    and DIR/manifest.json. Interrupt it any time: rerunning the same command resumes where it
-    stopped; a finished run is a no-op. 400/401/403/404 stop the run with a message (bad key,
-    unknown model). After sampling, the duplicate rate (identical rationales for one problem)
-    is reported; above 20% points to a broken seed or temperature.
+    Writes DIR/samples.jsonl (one line per (id, k): the problem, k, rationale, and meta with the seed, finish_reason and usage), DIR/errors.jsonl (samples that failed for good, with the reason) and DIR/manifest.json.
+
+    Interrupt it any time: rerunning the same command resumes where it stopped, and a finished run is a no-op. A 400/401/403/404 stops the run with a message (bad key, unknown model). After sampling, the duplicate rate (identical rationales for one problem) is reported; above 20% points to a broken seed or temperature.
 
     Example: negkd sample data/math_train.jsonl -o runs/teacher --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --n 8 --concurrency 64
     """
-    t_start = time.time()
     _check_options(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, n_per_request=n_per_request,
                    concurrency=concurrency, rpm=rpm, tpm=tpm, timeout=timeout, max_retries=max_retries,
                    backoff=backoff, limit=limit, batch_size=batch_size, price_in=price_in, price_out=price_out)
@@ -150,6 +146,9 @@ def command(
         if chat_template:
             raise UserError("--chat-template applies to --backend hf; with --backend openai, --api chat uses "
                             "the server's own chat template")
+    elif temperature <= 0:
+        raise UserError("--backend hf samples: --temperature must be > 0 (greedy decoding gives one answer, "
+                        "not n different rationales)")
     shard_k, shard_n = _parse_shard(shard)
     if no_seed:
         seed = None
@@ -216,7 +215,7 @@ def command(
              temperature=temperature, top_p=top_p, max_tokens=max_tokens, concurrency=concurrency, rpm=rpm,
              tpm=tpm, timeout=timeout, max_retries=max_retries, backoff=backoff, api_key_env=api_key_env,
              batch_size=batch_size, device=device, dtype=dtype, price_in=price_in, price_out=price_out,
-             retry_failed=retry_failed, overwrite=overwrite, t_start=t_start)
+             retry_failed=retry_failed, overwrite=overwrite)
     except BaseException:
         _discard_if_empty(out, created)
         raise
@@ -263,9 +262,10 @@ def _check_options(**o: Any) -> None:
         bad("n-per-request", f"must be >= 1, got {o['n_per_request']}")
     if o["concurrency"] < 1:
         bad("concurrency", f"must be >= 1, got {o['concurrency']}")
-    for k in ("rpm", "tpm", "price_in", "price_out"):
-        if o[k] is not None and o[k] <= 0 and not k.startswith("price"):
-            bad(k.replace("_", "-"), f"must be > 0, got {o[k]}")
+    for k in ("rpm", "tpm"):
+        if o[k] is not None and o[k] <= 0:
+            bad(k, f"must be > 0, got {o[k]}")
+    for k in ("price_in", "price_out"):
         if o[k] is not None and o[k] < 0:
             bad(k.replace("_", "-"), f"must be >= 0, got {o[k]}")
     if o["timeout"] <= 0:
@@ -438,8 +438,8 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
          tokenizer, *, backend: Backend, base_url: str | None, api: Api, n: int, seed: int | None,
          n_per_request: int, stops: list[str], temperature: float, top_p: float, max_tokens: int,
          concurrency: int, rpm, tpm, timeout: float, max_retries: int, backoff: float, api_key_env: str,
-         batch_size: int, device: str, dtype: str, price_in, price_out, retry_failed: bool, overwrite: bool,
-         t_start: float) -> None:
+         batch_size: int, device: str, dtype: str, price_in, price_out, retry_failed: bool,
+         overwrite: bool) -> None:
     run = RunDir(out, "sample", args, inputs=inputs, overwrite=overwrite)
     if overwrite:
         for name in (SAMPLES, ERRORS, STATE):
@@ -501,7 +501,7 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
     order = {p["id"]: i for i, p in enumerate(probs)}
     summary = _finalize(out, order, n)
     errors = read_errors(out / ERRORS)
-    missing = len(wanted) - summary["samples"] - len(errors)
+    missing = len(wanted) - summary["in_run"] - len(set(errors) & set(wanted))
     if missing:  # cannot happen unless a request vanished; never finish with silent gaps
         raise UserError(f"{out}: {missing} samples neither written nor recorded as failed; rerun the same "
                         "command to fetch them")
@@ -598,7 +598,7 @@ def _finalize(out: Path, order: dict[str, int], n: int) -> dict[str, Any]:
             os.replace(tmp, path)
     total = sum(len(v) for v in per_problem.values())
     dups = sum(len(v) - len(set(v)) for v in per_problem.values())
-    return {"samples": len(index), "duplicate_rate": dups / total if total else 0.0, "duplicates": dups,
+    return {"samples": len(index), "in_run": len(index) - extra, "duplicate_rate": dups / total if total else 0.0, "duplicates": dups,
             "truncated": truncated, "prompt_tokens": pt, "completion_tokens": ct}
 
 
@@ -785,11 +785,12 @@ def _sample_hf(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str, dic
                                          max_new_tokens=max_tokens, batch_size=batch_size, seed=group_seed,
                                          add_special_tokens=not chat_template):
                 pid = pids[i]
+                n_prompt = len(tokenizer(texts[i], add_special_tokens=not chat_template)["input_ids"])
                 for k, g in zip(todo[pid], gens):
                     text, hit_stop = _cut_at_stop(g.text, stops)
                     finish = "stop" if (g.finished or hit_stop) else "length"
                     meta = {"seed": group_seed, "finish_reason": finish, "model": str(model), "backend": "hf",
-                            "usage": {"prompt_tokens": 0, "completion_tokens": g.n_tokens, "n": 1}}
+                            "usage": {"prompt_tokens": n_prompt, "completion_tokens": g.n_tokens, "n": 1}}
                     writer.sample({**by_id[pid], "k": k, "rationale": text.strip(), "meta": meta})
                     written += 1
                     gen_tokens += g.n_tokens

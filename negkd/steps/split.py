@@ -132,6 +132,7 @@ def _stats(rows: list[dict]) -> dict:
 
 
 def _print_table(stats: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from negkd.console import out
@@ -149,5 +150,5 @@ def _print_table(stats: dict) -> None:
         rows = list(stats[key].items()) + [("total", stats["total"])]
         for i, (name, c) in enumerate(rows):
             cells = [f"{100 * c[k]:.1f}" if k == "share_positive" else f"{c[k]:,}" for _, k in cols]
-            table.add_row(name, *cells, end_section=i == len(rows) - 2)
+            table.add_row(escape(name), *cells, end_section=i == len(rows) - 2)
         out.print(table)

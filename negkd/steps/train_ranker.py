@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -82,9 +82,10 @@ def command(
     no pair). Reports pairwise accuracy and AUC on held-out questions (val_metrics.json; the
     paper saw ~60% pairwise accuracy).
 
-    Recipe (what the paper did): sample the *student* on training problems, grade, train:
-    negkd infer train.jsonl -o runs/train-pred --model runs/nce --n 16, then turn its
-    candidates into graded samples with negkd split, then negkd train-ranker on that split.
+    Recipe (what the paper did: the *student's own* samples on training problems):
+    negkd infer train.jsonl -o runs/train-pred --model runs/nce --n 16;
+    negkd split runs/train-pred/predictions.jsonl -o runs/ranker-split (one graded sample per
+    candidate); negkd train-ranker runs/ranker-split -o runs/ranker --base-model BASE.
     DIR holds ranker.json (backbone, max length, template, head), adapter/ (PEFT LoRA),
     head.safetensors and the tokenizer; negkd infer --ranker DIR uses it.
 
