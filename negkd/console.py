@@ -64,9 +64,9 @@ class _LogProgress:
         total = t["total"]
         extra = " ".join(f"{k}={v}" for k, v in t["fields"].items())
         if total:
-            eta = (total - t["done"]) / rate if rate > 0 else float("nan")
+            eta = f" eta {(total - t['done']) / rate:.0f}s" if rate > 0 else ""
             log(f"{t['desc']}: {t['done']:.0f}/{total:.0f} ({100 * t['done'] / total:.0f}%) "
-                f"{rate:.2f}/s eta {eta:.0f}s {extra}".rstrip())
+                f"{rate:.2f}/s{eta} {extra}".rstrip())
         else:
             log(f"{t['desc']}: {t['done']:.0f} {rate:.2f}/s {extra}".rstrip())
 

@@ -95,6 +95,19 @@ def test_drop_unparseable_and_tdg_input(runner, tmp_path):
     assert stats["total"]["rationales"] == 3 and stats["total"]["unparseable"] == 1
 
 
+def test_infer_predictions_directory_splits_per_candidate(runner, tmp_path):
+    pred_dir = tmp_path / "infer"
+    pred_dir.mkdir()
+    rec = {"id": "a", "question": "q", "answer": "2", "votes": {"sc": "2"},
+           "candidates": [{"rationale": "so \\boxed{2}", "pred": "2"}, {"rationale": "\\boxed{3}", "pred": "3"}]}
+    (pred_dir / "predictions.jsonl").write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    out = tmp_path / "split"
+    r = split(runner, pred_dir, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert [(x["k"], x["pred"]) for x in read_jsonl(out / "pos.jsonl")] == [(0, "2")]
+    assert [(x["k"], x["pred"]) for x in read_jsonl(out / "neg.jsonl")] == [(1, "3")]
+
+
 def _bad(tmp_path: Path, name: str, content: bytes) -> Path:
     p = tmp_path / name
     p.write_bytes(content)

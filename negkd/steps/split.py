@@ -10,7 +10,7 @@ import typer
 
 from negkd.errors import UserError
 
-SAMPLE_FORMATS = ("auto", "negkd", "tdg")
+SAMPLE_FORMATS = ("auto", "negkd", "tdg", "predictions")
 
 
 def command(
@@ -19,7 +19,8 @@ def command(
         typer.Argument(
             help="Samples to grade: a .jsonl(.gz) file of sample records (id, question, answer, k, "
             "rationale), the paper's released teacher file (TDG format: generated_answer lists), "
-            "or the output directory of `negkd sample` (reads its samples.jsonl).",
+            "`negkd infer` predictions (one sample per candidate), or the output directory of "
+            "`negkd sample` / `negkd infer` (reads its samples.jsonl / predictions.jsonl).",
             show_default=False,
         ),
     ],
@@ -55,7 +56,7 @@ def command(
 
     if fmt not in SAMPLE_FORMATS:
         raise UserError(f"unknown --format {fmt!r} for samples; choose one of {', '.join(SAMPLE_FORMATS)}")
-    path = resolve_input(input, ["samples.jsonl"], produced_by="sample")
+    path = resolve_input(input, ["samples.jsonl", "predictions.jsonl"], produced_by="sample")
     run = RunDir(output, "split", {"format": fmt, "drop_unparseable": drop_unparseable}, inputs=[path],
                  overwrite=overwrite)
     if run.up_to_date():
