@@ -156,6 +156,8 @@ def worker(a) -> dict:
     import torch
 
     rss_import = _status_kb("VmRSS")
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     from negkd import lora, nat
     from negkd.modeling import load_model
     from negkd.steps.calibrate import NCEObjective, build_student
@@ -214,8 +216,10 @@ def worker(a) -> dict:
 
 def run_variant(variant: str, model: Path, nat_dir: Path, a) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", str(model), "--nat", str(nat_dir),
-           "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+           "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if a.threads > 0:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"worker {variant} failed:\n{p.stderr[-3000:]}")
@@ -233,6 +237,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the three variants (interleaved); medians reported")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per worker (0: torch's default, one per core). On a machine shared with "
+                         "other jobs, 1 avoids OpenMP threads spinning while their peer is descheduled")
     ap.add_argument("--work", type=Path, default=None, help="where models are built (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     # worker mode (internal)

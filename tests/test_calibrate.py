@@ -301,3 +301,32 @@ def test_help_documents_every_flag(runner):
                  "--with-gold", "--chat-template", "--template", "--loss-on-prompt", "--lora-r", "--resume",
                  "--max-steps", "--device", "Example:"):
         assert flag in r.output, flag
+
+
+def test_gradient_checkpointing_recomputes_the_student_not_the_teacher(pipe):
+    """With activation recomputation the backward re-runs the forward after the teacher passes:
+    it must see the student (NAT off, student adapter on), giving the same gradients."""
+    from negkd.data import Collator, build_examples
+    from negkd.modeling import load_model, load_tokenizer
+    from negkd.steps.calibrate import NCEObjective, build_student
+
+    tok = load_tokenizer(str(pipe["base"]))
+    examples, _ = build_examples(_rows(2, True), tok, "{question}\n")
+    batch = Collator(tok.pad_token_id)(examples)
+    la = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        model = load_model(str(pipe["base"]), device="cpu", dtype="float32", gradient_checkpointing=gc)
+        student = build_student(model, pipe["nat"], la, gradient_checkpointing=gc)
+        with torch.no_grad():
+            for n, p in student.named_parameters():
+                if "lora_B.default" in n:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        student.train()
+        loss, _ = NCEObjective(student)(student, batch)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

@@ -74,6 +74,11 @@ def pred_dir(tag: str, seed: int, variant: str, lr: float) -> Path:
     return WORK / tag / f"seed{seed}" / f"{variant}-lr{lr:g}-pred"
 
 
+def finished(tag: str, seeds: list[int], lrs: dict) -> list[str]:
+    """Variants whose greedy predictions exist (with a manifest: infer finished) for every seed."""
+    return [v for v in ORDER if all((pred_dir(tag, s, v, lrs[v]) / "manifest.json").is_file() for s in seeds)]
+
+
 def best_variant(tag: str, seeds: list[int], lrs: dict) -> str:
     """The variant with the highest mean greedy accuracy on the val split (never the test split)."""
     def val(v):
@@ -83,7 +88,7 @@ def best_variant(tag: str, seeds: list[int], lrs: dict) -> str:
             accs.append(sum(c.values()) / len(c))
         return sum(accs) / len(accs)
 
-    return max([v for v in ORDER if v != "neg"], key=val)
+    return max([v for v in finished(tag, seeds, lrs) if v != "neg"], key=val)
 
 
 def _eval_overall(metrics_dir: Path) -> float | None:
@@ -149,7 +154,7 @@ def collect(tag: str, seeds: list[int], lrs: dict) -> dict:
     """acc[variant][split] = per-seed list of {id: correct}."""
     res: dict = {v: {"test": [], "ood": [], "val": []} for v in ORDER}
     check = []
-    for v in ORDER:
+    for v in finished(tag, seeds, lrs):
         for s in seeds:
             pred = pred_dir(tag, s, v, lrs[v])
             for split in ("val", "test", "ood"):
@@ -230,7 +235,9 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append("| method | test | OOD | test L1 | L2 | L3 | L4 | L5 | per-seed test | final train loss |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     acc = {}
-    for v in ORDER:
+    done = finished(tag, seeds, lrs)
+    missing = [v for v in ORDER if v not in done]
+    for v in done:
         row = [NAMES[v]]
         for split in ("test", "ood"):
             per = [100 * sum(c.values()) / len(c) for c in res[v][split]]
@@ -243,6 +250,8 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
         row.append(" / ".join(f"{x:.1f}" for x in acc[(v, "test")]))
         row.append(" / ".join(_final_loss(run_dir(tag, s, v, lrs[v])) for s in seeds))
         L.append("| " + " | ".join(row) + " |")
+    for v in missing:
+        L.append(f"| {NAMES[v]} | not run (did not finish in the time budget) | | | | | | | | |")
     agree, total = res["_eval_agrees"]
     L.append(f"\nPer-problem grading recomputed with `negkd.grading.equivalent`; it matches `negkd eval`'s "
              f"metrics.json on {agree}/{total} (model, split) pairs where eval reported an overall accuracy.\n")
@@ -255,7 +264,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append("| A vs B | split | A − B | bootstrap 95% CI | A-only / B-only | McNemar p | paired-t p |")
     L.append("|---|---|---|---|---|---|---|")
     verdicts = {}
-    for a, b in COMPARISONS:
+    for a, b in [(a, b) for a, b in COMPARISONS if a in done and b in done]:
         for split in ("test", "ood"):
             groups = []
             for ca, cb in zip(res[a][split], res[b][split]):
@@ -315,7 +324,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append("## Table-1 analysis: positive-only vs negative-only model (test, greedy)\n")
     L.append("| seed | solved by CoT-KD (pos only) | solved by neg-only | both | IoU |")
     L.append("|---|---|---|---|---|")
-    for s, cp, cn in zip(seeds, res["cotkd"]["test"], res["neg"]["test"]):
+    for s, cp, cn in zip(seeds, res["cotkd"]["test"], res["neg"]["test"]):  # empty if either is missing
         o = stats.overlap({i for i, ok in cp.items() if ok}, {i for i, ok in cn.items() if ok})
         L.append(f"| {s} | {o['a']} | {o['b']} | {o['both']} | {o['iou']:.2f} |")
     L.append("\n(The paper: 253 vs 166 solved, 29 in common, IoU 0.07, on MATH.)\n")
@@ -323,12 +332,14 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append("## Findings (stated mechanically from the numbers above)\n")
 
     def say(a, b, split, claim):
+        if (a, b, split) not in verdicts:
+            return f"- {claim}: not measured ({NAMES.get(a, a)} or {NAMES.get(b, b)} did not finish)."
         d, p = verdicts[(a, b, split)]
         sig = "significant at 0.05" if p < 0.05 else "not significant"
         direction = "higher" if d > 0 else ("lower" if d < 0 else "equal")
         return f"- {claim}: {NAMES.get(a, a)} is {abs(d):.1f} points {direction} than {NAMES.get(b, b)} on {split} (McNemar p = {p:.3g}, {sig})."
 
-    top = max(stats.mean_std(acc[(v, "test")])[0] for v in ORDER)
+    top = max(stats.mean_std(acc[(v, "test")])[0] for v in done)
     if top < 10:
         L.append(f"- **Caveat: the best student reaches only {top:.1f}% greedy test accuracy, so the students "
                  "have not learnt the task and none of the comparisons below says anything about the method.** "

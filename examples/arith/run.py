@@ -261,6 +261,16 @@ def run_seed(seed: int, lrs: dict, tag: str, variants=VARIANTS) -> dict:
     return dirs
 
 
+def train_ranker(sdir: Path, seed: int) -> Path:
+    """The ASC ranker on the teacher's graded rationales (+ gold solutions), backbone = the base."""
+    ranker = sdir / "ranker"
+    sh([NEGKD, "train-ranker", sdir / "split", "-o", ranker, "--base-model", BASE, "--seed", seed,
+        "--with-gold", "--max-steps", RANKER_STEPS, "--batch-size", 8, "--lr", 1e-3, "--lora-r", 16,
+        "--lora-alpha", 32, "--target-modules", "all-linear", "--max-length", 256, "--save-every", 0,
+        "--device", "cpu"], ranker)
+    return ranker
+
+
 def tune(seed: int = 0) -> dict:
     """LR grid on the val split (seed 0), same budget per method; NAT uses the tuned neg adapter and
     NCE the tuned NAT checkpoint."""
@@ -291,6 +301,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="quick", help="results go to work/TAG")
     ap.add_argument("--seeds", default="0", help="comma-separated experiment seeds (teacher sampling + training)")
     ap.add_argument("--tune", action="store_true", help="tune each method's LR on val (seed 0) first")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of " + ",".join(VARIANTS) + " (RESULTS.md marks the others not run)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
@@ -303,18 +315,14 @@ def main(argv=None) -> None:
         lrs, lr_source = {v: DEFAULT_LR for v in VARIANTS}, f"fixed at {DEFAULT_LR:g} for every method (not tuned)"
     runs = {}
     for s in seeds:
-        runs[s] = run_seed(s, lrs, args.tag)
+        runs[s] = run_seed(s, lrs, args.tag, variants=args.variants.split(","))
     # SC vs ASC on the best student (highest mean val greedy accuracy over seeds)
     import report
 
     best = report.best_variant(args.tag, seeds, lrs)
     for s in seeds:
         sdir = WORK / args.tag / f"seed{s}"
-        ranker = sdir / "ranker"
-        sh([NEGKD, "train-ranker", sdir / "split", "-o", ranker, "--base-model", BASE, "--seed", s,
-            "--with-gold", "--max-steps", RANKER_STEPS, "--batch-size", 8, "--lr", 1e-3, "--lora-r", 16,
-            "--lora-alpha", 32, "--target-modules", "all-linear", "--max-length", 256, "--save-every", 0,
-            "--device", "cpu"], ranker)
+        ranker = train_ranker(sdir, s)
         model = runs[s][best]
         pred = sdir / f"vote-{best}"
         sh([NEGKD, "infer", DATA / "vote_test.jsonl", "-o", pred, "--model", model, "--n", VOTE_N,
