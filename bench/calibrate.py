@@ -3,6 +3,12 @@
     .venv/bin/python bench/calibrate.py                       # tiny model + ~110M LLaMA, 4 x 128 tokens
     .venv/bin/python bench/calibrate.py --models tiny --steps 5
     .venv/bin/python bench/calibrate.py --layers 6            # a shallower "100M" if 12 layers is too slow
+    .venv/bin/python bench/calibrate.py --threads 1 --rounds 2  # on a CPU shared with other jobs
+
+Measured on a 2-core CPU shared with other jobs, `--threads 1 --rounds 2 --steps 4` (110M model):
+sft 2.13 s/step, 1838 MB peak RSS; calibrate 4.27 s (2.00x), 1863 MB (1.01x); two-copy 4.44 s
+(2.09x), 2299 MB (1.25x): the shared base saves 436 MB (19%). With 2 threads per worker on that
+busy machine, OpenMP spin-waits made single steps up to 10x slower at random; --threads 1 is stable.
 
 Variants, each measured in its own fresh subprocess so the memory peaks are comparable:
 

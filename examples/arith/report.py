@@ -202,7 +202,8 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append(f"# Arithmetic reproduction — results ({tag}: {n} seed{'s' if n > 1 else ''})\n")
     L.append(f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
              f"`make -C examples/arith {tag}` (`python run.py {' '.join(argv)}`), wall time "
-             f"**{wall / 60:.1f} min** on {os.cpu_count()} CPU cores shared with other jobs.\n")
+             f"**{wall / 60:.1f} min** from the first start of this tag (including any interrupted attempts it resumed) "
+             f"on {os.cpu_count()} CPU cores shared with other jobs.\n")
     L.append(f"Versions: {_versions()}.\n")
     t = runmod.TRAIN
     L.append(f"Setup: base = {runmod.PRETRAIN_STEPS}-step pretrained LLaMA (hidden 128, 4 layers, ~0.84M params; "
@@ -252,6 +253,15 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
         L.append("| " + " | ".join(row) + " |")
     for v in missing:
         L.append(f"| {NAMES[v]} | not run (did not finish in the time budget) | | | | | | | | |")
+    for sd in seeds:
+        f = run_dir(tag, sd, "nat", lrs["nat"]) / "metrics.jsonl"
+        if f.is_file():
+            recs = [json.loads(l) for l in f.open()]
+            g = {k.split("/", 1)[1]: v for k, v in recs[-1].items() if k.startswith("g_neg/")} if recs else {}
+            if g:
+                L.append(f"\nNAT gate at the last step (seed {sd}): mean g_neg over {len(g)} adapted layers "
+                         f"{sum(g.values()) / len(g):+.3f}, range [{min(g.values()):+.3f}, {max(g.values()):+.3f}] "
+                         "(g_neg > 0 adds negative knowledge, < 0 subtracts it; bound ±0.5).")
     agree, total = res["_eval_agrees"]
     L.append(f"\nPer-problem grading recomputed with `negkd.grading.equivalent`; it matches `negkd eval`'s "
              f"metrics.json on {agree}/{total} (model, split) pairs where eval reported an overall accuracy.\n")
@@ -336,8 +346,11 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
             return f"- {claim}: not measured ({NAMES.get(a, a)} or {NAMES.get(b, b)} did not finish)."
         d, p = verdicts[(a, b, split)]
         sig = "significant at 0.05" if p < 0.05 else "not significant"
-        direction = "higher" if d > 0 else ("lower" if d < 0 else "equal")
-        return f"- {claim}: {NAMES.get(a, a)} is {abs(d):.1f} points {direction} than {NAMES.get(b, b)} on {split} (McNemar p = {p:.3g}, {sig})."
+        if d == 0:
+            rel = f"is level with {NAMES.get(b, b)}"
+        else:
+            rel = f"is {abs(d):.1f} points {'higher' if d > 0 else 'lower'} than {NAMES.get(b, b)}"
+        return f"- {claim}: {NAMES.get(a, a)} {rel} on {split} (McNemar p = {p:.3g}, {sig})."
 
     top = max(stats.mean_std(acc[(v, "test")])[0] for v in done)
     if top < 10:

@@ -57,7 +57,7 @@ TEACHER_N = 4  # teacher samples per training problem
 VOTE_N = 8  # candidates per problem for SC / ASC
 JOBS = int(os.environ.get("ARITH_JOBS", "2"))  # negkd processes at once (independent steps only)
 VOTE_EVERY = 3  # SC / ASC on every 3rd test problem (100 of 300, 20 per level): CPU budget
-PRETRAIN_STEPS = 500
+PRETRAIN_STEPS = 2000
 RANKER_STEPS = 150  # pairs of 8 per step
 
 TEACHER_PROMPT = {
@@ -271,6 +271,16 @@ def train_ranker(sdir: Path, seed: int) -> Path:
     return ranker
 
 
+def vote(sdir: Path, seed: int, variant: str, model: Path, ranker: Path) -> Path:
+    """VOTE_N sampled candidates per vote_test problem, SC and ASC votes, negkd eval."""
+    pred = sdir / f"vote-{variant}"
+    sh([NEGKD, "infer", DATA / "vote_test.jsonl", "-o", pred, "--model", model, "--n", VOTE_N,
+        "--temperature", 0.7, "--ranker", ranker, "--seed", seed, "--max-new-tokens", 256, "--batch-size", 64,
+        "--device", "cpu"], pred)
+    eval_splits(pred, splits=("test",))
+    return pred
+
+
 def tune(seed: int = 0) -> dict:
     """LR grid on the val split (seed 0), same budget per method; NAT uses the tuned neg adapter and
     NCE the tuned NAT checkpoint."""
@@ -306,6 +316,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
+    started = WORK / args.tag / ".started"
+    if not started.is_file():
+        started.parent.mkdir(parents=True, exist_ok=True)
+        started.write_text(str(t0))
     prepare_data()
     if args.tune:
         lrs, lr_source = tune(), "tuned now on val (seed 0)"
@@ -323,13 +337,10 @@ def main(argv=None) -> None:
     for s in seeds:
         sdir = WORK / args.tag / f"seed{s}"
         ranker = train_ranker(sdir, s)
-        model = runs[s][best]
-        pred = sdir / f"vote-{best}"
-        sh([NEGKD, "infer", DATA / "vote_test.jsonl", "-o", pred, "--model", model, "--n", VOTE_N,
-            "--temperature", 0.7, "--ranker", ranker, "--seed", s, "--max-new-tokens", 256, "--batch-size", 64,
-            "--device", "cpu"], pred)
-        eval_splits(pred, splits=("test",))
-    wall = time.time() - t0
+        vote(sdir, s, best, runs[s][best], ranker)
+    # wall time from this tag's first start (a resumed run counts the interrupted attempts too)
+    started = WORK / args.tag / ".started"
+    wall = time.time() - float(started.read_text()) if started.is_file() else time.time() - t0
     report.write(args.tag, seeds, lrs, lr_source, best, wall, LOG, argv if argv is not None else sys.argv[1:])
 
 

@@ -59,8 +59,27 @@ class NCEObjective:
         self.record = Path(record) if record is not None else None
         self.sources = sources
         self._betas: list = []  # (B,) tensors since the last metrics() call
-        self._keep_ok: bool | None = None  # does the model's forward take logits_to_keep?
         self._kls: list = []
+        self._keep_ok: bool | None = None  # does the model's forward take logits_to_keep?
+        from negkd import nat
+
+        self._nat_layers = list(nat.nat_layers(peft_model).values())  # found once, not per pass
+
+    def _mode(self, mode: str):
+        """Context: the NAT unit in ``mode`` for one teacher pass, back to "off" (the student's view) after."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            for layer in self._nat_layers:
+                layer.mode = mode
+            try:
+                yield
+            finally:
+                for layer in self._nat_layers:
+                    layer.mode = "off"
+
+        return ctx()
 
     # -- which logits are needed -------------------------------------------------
     def _skip(self, labels) -> int:
@@ -89,18 +108,20 @@ class NCEObjective:
         Aligned like ``nce.shift``: position t predicts ``labels[:, skip + t + 1]``."""
         import torch
 
-        from negkd import nat, nce
+        from negkd import nce
 
         m = self.model
+        if not self._nat_layers:
+            raise ValueError("the student model carries no NAT layers; build it with build_student()")
         mask = labels[:, skip + 1:] != nce.IGNORE_INDEX  # (B, L-1-skip)
         was_training = m.training
         m.eval()  # no dropout: the teacher and beta are deterministic per example
         try:
             with torch.no_grad(), m.disable_adapter():
-                with nat.using_mode(m, "nat"):
+                with self._mode("nat"):
                     z_nat = self._forward(m, input_ids, attention_mask, skip)[:, :-1]  # (B, L-1-skip, V)
                 if self.calibrate:
-                    with nat.using_mode(m, "neg-only"):
+                    with self._mode("neg-only"):
                         z_neg = self._forward(m, input_ids, attention_mask, skip)[:, :-1]
                     kl = nce.sequence_kl(z_nat, z_neg, mask, self.temperature)  # (B,) mean KL(p_neg || p_nat)
                     del z_neg
@@ -333,16 +354,18 @@ def command(
     gradient_checkpointing: T.GradientCheckpointing = False,
     trust_remote_code: T.TrustRemoteCode = False,
 ) -> None:
-    """Distil the NAT model into a fresh, deployable LoRA (NCE): each positive rationale is learned from
-    the gold tokens (CE) and from the NAT model's distributions (KD), the KD term weighted per sequence
-    by c + beta, beta = tanh(mean-token KL(p_neg || p_nat)) -- how far the Neg-LoRA-only model is from
-    the NAT model on that rationale. Only one copy of the base model is loaded.
+    """Distil the NAT model into a fresh, deployable LoRA (NCE): each positive rationale is learned
+    from the gold tokens (CE) and from the NAT model's distributions (KD), the KD term weighted per
+    sequence by c + beta, beta = tanh(mean-token KL(p_neg || p_nat)): how far the Neg-LoRA-only
+    model is from the NAT model on that rationale. Only one copy of the base model is loaded.
 
-    DIR becomes a stock PEFT adapter on the NAT checkpoint's base (adapter_config.json,
-    adapter_model.safetensors: peft.PeftModel.from_pretrained(base, DIR), merge_and_unload(), vLLM)
-    plus the tokenizer, negkd.json (base model, template, data hashes), metrics.jsonl (loss, ce, kd,
-    beta_mean/min/max per log step), calibration.jsonl (beta of every training example: id, k),
-    checkpoints/ and manifest.json (last). Runs under `accelerate launch` unchanged.
+    DIR becomes a stock PEFT adapter on the NAT checkpoint's base:
+    peft.PeftModel.from_pretrained(base, DIR), merge_and_unload(), vLLM.
+    Also in DIR: the tokenizer, negkd.json (base, template, data hashes),
+    metrics.jsonl (loss, ce, kd, beta_mean/min/max per log step),
+    calibration.jsonl (beta of each training example, by id and k),
+    checkpoints/ and manifest.json (written last).
+    Runs under `accelerate launch` unchanged.
 
     Example: negkd calibrate runs/split -o runs/nce --nat runs/nat
     """
@@ -355,7 +378,7 @@ def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offse
          save_every, log_every, resume, overwrite, device, dtype, load_in_4bit, load_in_8bit,
          gradient_checkpointing, trust_remote_code) -> dict | None:
     from negkd import recipe
-    from negkd.console import log, warn
+    from negkd.console import warn
     from negkd.prompts import load_template
 
     # ---- cheap checks first: flags, the NAT checkpoint and the data, before any model loads
@@ -422,7 +445,7 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
 
     from accelerate.utils import set_seed
 
-    from negkd import __version__, lora, nat, recipe
+    from negkd import __version__, lora, recipe
     from negkd.console import log
     from negkd.data import Collator, build_examples, lengths
     from negkd.io import atomic_write_text
