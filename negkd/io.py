@@ -224,6 +224,16 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class RunDir:
     """An output directory of one step.
 
@@ -317,7 +327,20 @@ class RunDir:
         if self.manifest_path.exists():  # outputs are about to change: the old manifest no longer holds
             self.manifest_path.unlink()
         _ = self.inputs  # hash inputs now, before they could change under us
+        self._remove_stale_temps()
         return self
+
+    def _remove_stale_temps(self) -> None:
+        """Delete ``.NAME.tmp-PID`` left by a killed run (SIGKILL skips ``cleanup``); temps of a live
+        process (another rank, or a run still going) are left alone."""
+        for tmp in self.out.glob(".*.tmp-*"):
+            pid = tmp.name.rsplit(".tmp-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
     def tmp(self, name: str) -> Path:
         """A temporary path (file or directory) that ``finish`` renames to ``out/name``."""

@@ -113,11 +113,17 @@ def check_causal_lm(name: str, trust_remote_code: bool = False):
         cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{name}: cannot load model config ({_first_line(e)})") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f"{name}: model type {cfg.model_type!r} is not a causal language model; "
                         "negkd needs a decoder (LLaMA, Qwen2, Mistral, GPT-NeoX, ...)")
+    # bert, roberta, electra, bart, ... have a *ForCausalLM class too, but their checkpoints are
+    # encoders (or encoder-decoders) unless the config says is_decoder
+    if cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(cfg, "is_decoder", False):
+        what = "an encoder-decoder" if getattr(cfg, "is_encoder_decoder", False) else "an encoder"
+        raise UserError(f"{name}: is {what} ({cfg.model_type}), not a causal LM; pass a decoder-only model "
+                        "such as LLaMA/Qwen2/Mistral")
     return cfg
 
 

@@ -128,6 +128,7 @@ class NATLinear(nn.Module):
         nn.init.zeros_(self.lora_B_neg.weight)  # overwritten by the Neg-LoRA checkpoint
         # gate statistics (training diagnostics; not parameters, not saved)
         self.track_gates = False
+        self._gate_on = False  # inside gate_mask(): the step's own forward, not a checkpoint recompute
         self._gate_mask: torch.Tensor | None = None
         self._g_sum: torch.Tensor | None = None
         self._g_n: torch.Tensor | None = None
@@ -168,7 +169,7 @@ class NATLinear(nn.Module):
         a_neg = torch.softmax(scores, dim=0)[1]  # (...)
         g_neg = (2 * self.beta * a_neg - self.beta).to(dt).unsqueeze(-1)  # (..., 1) in [-beta, beta]
         y = h0f + (1 - g_neg) * v[0] + g_neg * v[1]
-        if self.track_gates:
+        if self.track_gates and self._gate_on:  # a backward recompute runs outside the context: not counted twice
             self._record(g_neg.detach().squeeze(-1))
         return y.to(h0.dtype)
 
@@ -292,15 +293,17 @@ def neg_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def gate_mask(model: nn.Module, attention_mask: torch.Tensor | None):
-    """Count only positions where ``attention_mask`` is 1 in the gate statistics."""
+    """Record gate statistics (track_gates) only for forwards inside this context, counting only
+    positions where ``attention_mask`` is 1 (None: all). Forwards outside it, such as gradient
+    checkpointing's recompute during backward, are not counted."""
     layers = list(nat_layers(model).values())
     for m in layers:
-        m._gate_mask = attention_mask
+        m._gate_mask, m._gate_on = attention_mask, True
     try:
         yield
     finally:
         for m in layers:
-            m._gate_mask = None
+            m._gate_mask, m._gate_on = None, False
 
 
 def track_gates(model: nn.Module, on: bool = True) -> None:

@@ -132,7 +132,7 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     from negkd.io import atomic_write_text
     from negkd.modeling import check_causal_lm, load_model, load_tokenizer, quantization_config
     from negkd.prompts import load_template
-    from negkd.training import fit, lm_loss, lm_weight, make_accelerator, model_device, open_run
+    from negkd.training import check_resume, fit, lm_loss, lm_weight, make_accelerator, model_device, open_run
 
     from negkd.modeling import quiet_libraries
 
@@ -170,12 +170,14 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     model = recipe.attach(model)
     if recipe.before_fit:
         recipe.before_fit(model)
-    if main:  # every check passed: only now touch DIR
-        run.start()
-
     ident = base_identity(mopts.base_model)
     fingerprint = {"args": {k: v for k, v in run.args.items() if k not in ("epochs", "max_steps")},
                    "inputs": [i["sha256"] for i in run.inputs], "base": ident, **recipe.fingerprint}
+    check_resume(model, lengths(examples), config=cfg, out_dir=out, fingerprint=fingerprint, resume=resume,
+                 world_size=acc.num_processes)
+    if main:  # every check passed: only now touch DIR
+        run.start()
+
     meta = {"kind": recipe.kind, **ident, "template": template, "chat_template": dopts.chat_template,
             "loss_on_prompt": dopts.loss_on_prompt, "max_length": dopts.max_length,
             "data": [{"path": str(p), "sha256": i["sha256"]} for p, i in zip(paths, run.inputs)],

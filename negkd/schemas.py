@@ -182,7 +182,8 @@ def read_problems(path: Path, fmt: str = "auto") -> list[dict]:
 
 def iter_samples(path: Path, fmt: str = "auto") -> Iterator[tuple[str, dict]]:
     """Yield ``(where, sample)``. A TDG file expands to one sample per generated rationale, and a
-    predictions file (``negkd infer`` output) to one sample per candidate."""
+    predictions file (``negkd infer`` output) to one sample per candidate. ``(id, k)`` is checked
+    unique across the file whatever its format (concatenated shards must not double a sample)."""
     fmt = _check_format(fmt)
     path = Path(path)
     stem = path.name.split(".")[0]
@@ -192,40 +193,47 @@ def iter_samples(path: Path, fmt: str = "auto") -> Iterator[tuple[str, dict]]:
         where = f"{path}:{lineno}"
         if chosen is None:
             chosen = "tdg" if "generated_answer" in rec else "predictions" if "candidates" in rec else "negkd"
-        if chosen == "predictions":  # `negkd infer` output: one sample per candidate (the ranker recipe)
-            prob = _problem(rec, "negkd", where, lineno, stem)
-            cands = rec.get("candidates")
-            if not isinstance(cands, list):
-                raise UserError(f"{where}: 'candidates' must be a list of {{rationale, pred}}")
-            base = problem_fields(prob)
-            for k, c in enumerate(cands):
-                if not isinstance(c, dict) or not isinstance(c.get("rationale"), str):
-                    raise UserError(f"{where}: candidates[{k}] needs a 'rationale' string")
-                yield where, {**base, "k": k, "rationale": c["rationale"]}
-            continue
-        if chosen == "tdg":
-            prob = _problem(rec, "tdg", where, lineno, stem)
-            gens = rec["generated_answer"]
-            if not isinstance(gens, list):
-                raise UserError(f"{where}: 'generated_answer' must be a list of rationales")
-            for k, r in enumerate(gens):
-                if not isinstance(r, str):
-                    raise UserError(f"{where}: generated_answer[{k}] is not a string")
-                r = re.sub(r"^\s*Solution:\s*\n", "", r, count=1)
-                yield where, {**prob, "k": k, "rationale": r}
-            continue
-        sample = _problem(rec, chosen, where, lineno, stem)
-        if "k" not in rec or "rationale" not in rec:
-            raise UserError(f"{where}: a sample needs 'k' (int) and 'rationale' (str) besides id/question/answer")
-        if not isinstance(rec["k"], int) or isinstance(rec["k"], bool):
-            raise UserError(f"{where}: 'k' must be an integer, got {rec['k']!r}")
-        if not isinstance(rec["rationale"], str):
-            raise UserError(f"{where}: 'rationale' must be a string")
-        key = (sample["id"], rec["k"])
-        if key in seen:
-            raise UserError(f"{where}: duplicate (id, k) = {key!r} (first at {seen[key]})")
-        seen[key] = where
-        yield where, sample
+        for sample in _record_samples(rec, chosen, where, lineno, stem):
+            key = (sample["id"], sample["k"])
+            if key in seen:
+                raise UserError(f"{where}: duplicate (id, k) = {key!r} (first at {seen[key]})")
+            seen[key] = where
+            yield where, sample
+
+
+def _record_samples(rec: dict, fmt: str, where: str, lineno: int, stem: str) -> Iterator[dict]:
+    """The samples one input line holds: a candidate each (predictions), a generated rationale each
+    (TDG), or the line itself (sample contract)."""
+    if fmt == "predictions":  # `negkd infer` output: one sample per candidate (the ranker recipe)
+        prob = _problem(rec, "negkd", where, lineno, stem)
+        cands = rec.get("candidates")
+        if not isinstance(cands, list):
+            raise UserError(f"{where}: 'candidates' must be a list of {{rationale, pred}}")
+        base = problem_fields(prob)
+        for k, c in enumerate(cands):
+            if not isinstance(c, dict) or not isinstance(c.get("rationale"), str):
+                raise UserError(f"{where}: candidates[{k}] needs a 'rationale' string")
+            yield {**base, "k": k, "rationale": c["rationale"]}
+        return
+    if fmt == "tdg":
+        prob = _problem(rec, "tdg", where, lineno, stem)
+        gens = rec["generated_answer"]
+        if not isinstance(gens, list):
+            raise UserError(f"{where}: 'generated_answer' must be a list of rationales")
+        for k, r in enumerate(gens):
+            if not isinstance(r, str):
+                raise UserError(f"{where}: generated_answer[{k}] is not a string")
+            r = re.sub(r"^\s*Solution:\s*\n", "", r, count=1)
+            yield {**prob, "k": k, "rationale": r}
+        return
+    sample = _problem(rec, fmt, where, lineno, stem)
+    if "k" not in rec or "rationale" not in rec:
+        raise UserError(f"{where}: a sample needs 'k' (int) and 'rationale' (str) besides id/question/answer")
+    if not isinstance(rec["k"], int) or isinstance(rec["k"], bool):
+        raise UserError(f"{where}: 'k' must be an integer, got {rec['k']!r}")
+    if not isinstance(rec["rationale"], str):
+        raise UserError(f"{where}: 'rationale' must be a string")
+    yield sample
 
 
 def read_samples(path: Path, fmt: str = "auto") -> list[dict]:
@@ -257,7 +265,7 @@ def read_predictions(path: Path) -> list[dict]:
 
 def problem_fields(rec: dict) -> dict:
     """The problem part of a sample/prediction record (drops per-sample fields)."""
-    drop = {"k", "rationale", "meta", "pred", "correct", "candidates", "votes"}
+    drop = {"k", "rationale", "meta", "pred", "correct", "candidates", "votes", "decoding"}
     return {k: v for k, v in rec.items() if k not in drop}
 
 

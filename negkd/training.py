@@ -303,18 +303,14 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
         raise ValueError(f"lengths has {len(lengths)} entries for {n} items")
 
     plan = Plan(lengths, config.batch_size, config.grad_accum, world, rank, config.seed, config.group_by_length)
-    total = config.max_steps or max(1, math.ceil(config.epochs * plan.steps_per_epoch))
+    total = _total_steps(config, plan)
     n_warm = warmup_steps(config.warmup, total)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters (nothing has requires_grad)")
-    fp = {**(fingerprint or {}),
-          **{f"train.{k}": v for k, v in asdict(config).items() if k not in RUN_LENGTH_KEYS},
-          "train.world_size": world, "train.n_items": n,
-          "train.lengths_sha": _sha(json.dumps(lengths)),
-          "train.trainable": sorted(n_ for n_, p in model.named_parameters() if p.requires_grad)}
-    fp = json.loads(json.dumps(fp, default=str))
+    fp = _fit_fingerprint(model, config, fingerprint, world, lengths)
+    ck = _resume_checkpoint(out_dir, resume, fp, total)
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, n_warm, config.schedule))
@@ -328,19 +324,12 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
 
     metrics_path = out_dir / METRICS
     step, resumed_from = 0, None
-    ck = latest_checkpoint(out_dir)
-    if resume and ck is not None:
-        step = _load_checkpoint(ck, acc, unwrapped, wrapped, optimizer, scheduler, fp, rank)
+    if ck is not None:
+        step = _load_checkpoint(ck, acc, unwrapped, wrapped, optimizer, scheduler, rank)
         resumed_from = step
-        if step > total:
-            raise UserError(f"--resume: the checkpoint in {ck.parent} is at step {step}, beyond this run's {total} "
-                            "steps; raise --max-steps/--epochs or pass --overwrite")
         log(f"resuming from {ck} (step {step}/{total})")
     elif resume and main:
         log(f"--resume: no checkpoint in {out_dir} yet; starting from step 0")
-    elif ck is not None:
-        raise UserError(f"{out_dir}: holds checkpoints of an earlier run (last: {ck.name}); pass --resume to continue "
-                        "it or --overwrite to start over")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _trim_metrics(metrics_path, step)
@@ -457,6 +446,51 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                      peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
 
 
+def check_resume(model, lengths: Sequence[int], *, config: TrainConfig, out_dir: Path, fingerprint: dict | None,
+                 resume: bool, world_size: int = 1) -> None:
+    """fit()'s checks of ``out_dir``'s checkpoints (--resume allowed, same settings, not past the
+    run's end), without touching anything: call it before a step changes its output directory
+    (``RunDir.start``), so a refused resume leaves a finished run exactly as it was. Pass what
+    fit() will get (the attached model, the same lengths and fingerprint)."""
+    lengths = list(lengths)
+    plan = Plan(lengths, config.batch_size, config.grad_accum, world_size, 0, config.seed, config.group_by_length)
+    fp = _fit_fingerprint(model, config, fingerprint, world_size, lengths)
+    _resume_checkpoint(out_dir, resume, fp, _total_steps(config, plan))
+
+
+def _total_steps(config: TrainConfig, plan: Plan) -> int:
+    return config.max_steps or max(1, math.ceil(config.epochs * plan.steps_per_epoch))
+
+
+def _fit_fingerprint(model, config: TrainConfig, fingerprint: dict | None, world: int, lengths: list[int]) -> dict:
+    fp = {**(fingerprint or {}),
+          **{f"train.{k}": v for k, v in asdict(config).items() if k not in RUN_LENGTH_KEYS},
+          "train.world_size": world, "train.n_items": len(lengths),
+          "train.lengths_sha": _sha(json.dumps(lengths)),
+          "train.trainable": sorted(n_ for n_, p in model.named_parameters() if p.requires_grad)}
+    return json.loads(json.dumps(fp, default=str))
+
+
+def _resume_checkpoint(out_dir: Path, resume: bool, fp: dict, total: int) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0); raises when DIR's checkpoints cannot be used."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return None
+    if not resume:
+        raise UserError(f"{out_dir}: holds checkpoints of an earlier run (last: {ck.name}); pass --resume to continue "
+                        "it or --overwrite to start over")
+    st = json.loads((ck / "trainer_state.json").read_text())
+    diff = _diff(st.get("fingerprint", {}), fp)
+    if diff:
+        raise UserError(f"--resume: {ck} was made with other settings or data ({'; '.join(diff)[:400]}); rerun with "
+                        "the original flags and inputs, or pass --overwrite to start over")
+    step = int(st["step"])
+    if step > total:
+        raise UserError(f"--resume: the checkpoint in {ck.parent} is at step {step}, beyond this run's {total} "
+                        "steps; raise --max-steps/--epochs or pass --overwrite")
+    return ck
+
+
 def _sha(s: str) -> str:
     import hashlib
 
@@ -521,15 +555,12 @@ def _save_checkpoint(out_dir: Path, step: int, acc, unwrapped, wrapped, optimize
     acc.wait_for_everyone()
 
 
-def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, fp: dict, rank: int) -> int:
+def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, rank: int) -> int:
+    """Restore ``ck`` (already vetted by _resume_checkpoint); returns its step."""
     import torch
     from safetensors.torch import load_file
 
     st = json.loads((ck / "trainer_state.json").read_text())
-    diff = _diff(st.get("fingerprint", {}), fp)
-    if diff:
-        raise UserError(f"--resume: {ck} was made with other settings or data ({'; '.join(diff)[:400]}); rerun with "
-                        "the original flags and inputs, or pass --overwrite to start over")
     if _uses_sharded_state(acc):
         acc.load_state(str(ck / "accelerate"))
     else:

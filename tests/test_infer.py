@@ -329,37 +329,52 @@ def test_greedy_is_deterministic_real_model(runner, tmp_path, tiny_model):
 
 
 def test_end_to_end_adapter_infer_then_eval(runner, tmp_path, tiny_model):
-    """tiny model + LoRA adapter -> infer --n 4 -> eval (all rows filled)."""
+    """tiny model + LoRA adapter + a ranker trained by `negkd train-ranker` (here with --loss bce)
+    -> infer --n 4 -> eval: every row filled, the ASC rows included."""
+    import random
+
     probs = write_problems(tmp_path / "p.jsonl", 4)
     ad = make_adapter(tiny_model, tmp_path / "adapter")
+    split = tmp_path / "split"
+    split.mkdir()
+    rng = random.Random(0)
+    for name, ok in (("pos.jsonl", True), ("neg.jsonl", False)):
+        with open(split / name, "w") as fh:
+            for i in range(6):
+                a, b = rng.randint(1, 9), rng.randint(1, 9)
+                fh.write(json.dumps({"id": f"t{i}", "question": f"{a} + {b}?", "answer": str(a + b), "k": int(not ok),
+                                     "rationale": f"so \\boxed{{{a + b if ok else a - b}}}", "correct": ok}) + "\n")
+    ranker = tmp_path / "ranker"
+    r = runner.invoke(app, ["train-ranker", str(split), "-o", str(ranker), "--base-model", str(tiny_model), "--loss", "bce",
+                            "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--val-fraction", "0.34",
+                            "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     out = tmp_path / "pred"
-    r = _infer(runner, probs, "-o", out, "--model", ad, "--n", 4, "--max-new-tokens", 16, "--device", "cpu")
+    r = _infer(runner, probs, "-o", out, "--model", ad, "--n", 4, "--max-new-tokens", 16, "--device", "cpu",
+               "--ranker", ranker)
     assert r.exit_code == 0, r.output
     recs = read_jsonl(out / "predictions.jsonl")
     assert len(recs) == 4 and all(len(x["candidates"]) == 4 for x in recs)
-    assert all(c["tokens"] >= 1 and "finished" in c for x in recs for c in x["candidates"])
+    assert all(c["tokens"] >= 1 and "finished" in c and 0 < c["score"] < 1 for x in recs for c in x["candidates"])
+    assert all(x["decoding"] == "sampled" for x in recs)
     man = json.loads((out / "manifest.json").read_text())
     assert man["args"]["base"] == str(tiny_model) and man["args"]["adapter"] == str(ad)
     assert man["tokens_per_s"] > 0
-    from negkd.steps import evaluate
-
-    if "not implemented" in (evaluate.command.__doc__ or "").lower():
-        pytest.skip("negkd eval is not implemented yet")
     r = runner.invoke(app, ["eval", str(out), "-o", str(tmp_path / "ev")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["files"]["pred"]
     assert m["overall"]["records"] == 4
-    for row in ("greedy", "maj@N", "pass@1", "pass@N", "sc@N"):
+    # sampled candidates: the first one is reported as "first", never as "greedy"
+    assert "greedy" not in m["overall"]
+    for row in ("first", "maj@N", "pass@1", "pass@N", "sc@N", "asc@N[1]", "asc@N[1+2s]", "asc@N[1+s]", "asc@N[s]"):
         assert isinstance(m["overall"][row], float), row
+    assert set(m["asc_overturns"]) == {"asc:1", "asc:1+2s", "asc:1+s", "asc:s"}
+    assert m["asc_overturns"]["asc:1"]["overturned"] == 0  # w = 1 is the plain majority
 
 
 def test_eval_reads_infer_votes(runner, tmp_path, tiny_model, scripted, fake_ranker):
     """The majority is wrong and one GOOD candidate is right: eval must credit the ASC rules
     that follow the ranker (s, 1+2s) and count their overturns as right."""
-    from negkd.steps import evaluate
-
-    if "not implemented" in (evaluate.command.__doc__ or "").lower():
-        pytest.skip("negkd eval is not implemented yet")
     probs = write_problems(tmp_path / "p.jsonl", 3)
     gold = {json.loads(line)["question"]: json.loads(line)["answer"] for line in probs.read_text().splitlines()}
     scripted(lambda q, n: ["so \\boxed{99}", "thus \\boxed{99}", f"GOOD so \\boxed{{{gold[q]}}}", "no idea"])
@@ -369,7 +384,7 @@ def test_eval_reads_infer_votes(runner, tmp_path, tiny_model, scripted, fake_ran
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["files"]["pred"]
     o = m["overall"]
-    assert o["greedy"] == 0.0 and o["maj@N"] == 0.0 and o["sc@N"] == 0.0 and o["pass@N"] == 1.0
+    assert o["first"] == 0.0 and o["maj@N"] == 0.0 and o["sc@N"] == 0.0 and o["pass@N"] == 1.0
     assert o["asc@N[s]"] == 1.0 and o["asc@N[1+2s]"] == 1.0 and o["asc@N[1+s]"] == 0.0 and o["asc@N[1]"] == 0.0
     assert m["asc_overturns"]["asc:s"]["right"] == 3 and m["asc_overturns"]["asc:1+s"]["overturned"] == 0
 

@@ -127,13 +127,31 @@ def test_gate_stays_within_beta_even_when_saturated():
     seen = []
     L.track_gates = True
     L._record = seen.append
-    with torch.no_grad():
+    with torch.no_grad(), nat.gate_mask(L, None):
         L.lora_gate_q.weight.mul_(50)
         L.lora_gate_k.weight.mul_(50)
         L(torch.randn(4, 64, 12) * 5)
     g = seen[0]
     assert g.min() >= -0.5 and g.max() <= 0.5
     assert g.min() < -0.49 and g.max() > 0.49  # both ends reached: the bound is what holds it
+
+
+def test_gate_stats_ignore_the_checkpoint_recompute():
+    """Under gradient checkpointing backward reruns the forward outside gate_mask(): not counted."""
+    from torch.utils.checkpoint import checkpoint
+
+    holder, L = _layer()
+    nat.track_gates(holder, True)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    with nat.gate_mask(holder, mask):
+        y = checkpoint(lambda t: L(t).sin(), x, use_reentrant=False)  # sin: the recompute must reach L's end
+    y.sum().backward()  # recomputes L's forward with no mask set
+    assert x.grad is not None and float(L._g_n) == 8.0
+    with torch.no_grad():
+        L(x)  # outside the context: no statistics either
+    assert float(L._g_n) == 8.0
 
 
 def test_fresh_unit_is_a_no_op(tiny_model, neg_dir):

@@ -41,7 +41,7 @@ def keys_of(recs) -> list[tuple[str, int]]:
 def sample(runner, srv, probs, out, *extra, key=KEY):
     args = ["sample", str(probs), "-o", str(out), "--base-url", srv.url, "--model", "teacher", *FAST, *extra]
     env = {"OPENAI_API_KEY": key} if key is not None else {"OPENAI_API_KEY": ""}
-    return runner.invoke(app, args, env=env)
+    return runner.invoke(app, args, env={**env, "COLUMNS": "200"})  # wide: usage errors come in a wrapped box
 
 
 @pytest.fixture
@@ -271,14 +271,19 @@ def test_bad_options_are_usage_errors(runner, server, tmp_path):
     for extra in (["--shard", "2/2"], ["--shard", "x"], ["--n", "0"], ["--top-p", "0"], ["--concurrency", "0"]):
         r = sample(runner, server, probs, tmp_path / "run", *extra)
         assert r.exit_code == 2, (extra, r.output)
-    r = runner.invoke(app, ["sample", str(probs), "-o", str(tmp_path / "run"), "--model", "m"])
-    assert r.exit_code == 1 and "--base-url" in r.output
+    r = runner.invoke(app, ["sample", str(probs), "-o", str(tmp_path / "run"), "--model", "m"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "--backend openai needs --base-url" in r.output
+    r = runner.invoke(app, ["sample", str(probs), "-o", str(tmp_path / "run"), "--model", "m", "--base-url", "localhost:8000"],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "expected an http:// or https:// URL" in r.output
+    r = sample(runner, server, probs, tmp_path / "run", "--format", "csv")
+    assert r.exit_code == 2 and "--format" in r.output
     r = sample(runner, server, probs, tmp_path / "run", "--prompt", "no-such-prompt")
     assert r.exit_code == 1 and "not a built-in prompt" in r.output
     r = sample(runner, server, probs, tmp_path / "run", "--backend", "hf", "--temperature", "0")
-    assert r.exit_code == 1 and "--temperature must be > 0" in r.output
+    assert r.exit_code == 2 and "--temperature must be > 0" in r.output
     r = sample(runner, server, probs, tmp_path / "run", "--chat-template")
-    assert r.exit_code == 1 and "applies to --backend hf" in r.output
+    assert r.exit_code == 2 and "applies to --backend hf" in r.output
     assert not (tmp_path / "run").exists()
 
 
@@ -464,3 +469,20 @@ def test_hf_backend_same_contract(runner, tiny_model, tmp_path):
     r = runner.invoke(app, ["sample", str(probs), "-o", str(out), "--backend", "hf", "--model", str(tiny_model),
                             "--n", "3", "--max-tokens", "8", "--prompt", "zero-shot", "--device", "cpu"])
     assert r.exit_code == 0 and "up to date" in r.output
+
+
+def test_manifest_records_the_host_even_when_nothing_was_left_to_send(runner, server, tmp_path):
+    """Killed after the last sample was appended but before manifest.json: the rerun sends nothing
+    and must still record where the samples came from."""
+    probs = write_problems(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "run"
+    assert sample(runner, server, probs, out, "--n", "2").exit_code == 0
+    host = server.url.split("//", 1)[1].split("/", 1)[0]
+    assert json.loads((out / "manifest.json").read_text())["endpoint"]["host"] == host
+    (out / "manifest.json").unlink()
+    before = len(server.requests)
+    r = sample(runner, server, probs, out, "--n", "2")
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["endpoint"]["host"] == host and man["samples"] == 4
+    assert len(server.requests) == before  # nothing re-requested

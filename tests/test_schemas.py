@@ -128,3 +128,16 @@ def test_predictions_expand_to_samples_for_the_ranker_recipe(tmp_path):
     samples = read_samples(p)
     assert [(s["id"], s["k"], s["rationale"]) for s in samples] == [("a", 0, "r0"), ("a", 1, "r1")]
     assert "candidates" not in samples[0] and "votes" not in samples[0]
+
+
+def test_duplicate_samples_are_refused_in_every_sample_format(tmp_path):
+    """Concatenated shards of teacher data or predictions must not double a (id, k) silently."""
+    tdg = {"question": "Problem:\nq", "answer": "\\boxed{1}", "generated_answer": ["a", "b"], "id": "p1"}
+    p = _write(tmp_path / "t.jsonl", [tdg, tdg])
+    with pytest.raises(UserError, match=r"t.jsonl:2: duplicate \(id, k\) = \('p1', 0\) \(first at .*t.jsonl:1\)"):
+        read_samples(p)
+    pred = {"id": "a", "question": "q", "answer": "1", "candidates": [{"rationale": "r", "pred": "1"}]}
+    p = _write(tmp_path / "pr.jsonl", [pred, {**pred, "id": "b"}, pred])
+    with pytest.raises(UserError, match=r"pr.jsonl:3: duplicate \(id, k\) = \('a', 0\)"):
+        read_samples(p)
+    assert len(read_samples(_write(tmp_path / "ok.jsonl", [pred, {**pred, "id": "b"}]))) == 2

@@ -147,7 +147,7 @@ def test_missing_input_and_bad_format(runner, tmp_path):
     r = split(runner, tmp_path, "-o", tmp_path / "out")  # a directory without samples.jsonl
     assert r.exit_code == 1 and "negkd sample" in r.output
     r = split(runner, write_samples(tmp_path / "s.jsonl"), "-o", tmp_path / "out", "--format", "csv")
-    assert r.exit_code == 1 and "--format" in r.output
+    assert r.exit_code == 2 and "--format" in r.output  # a usage error
     assert not (tmp_path / "out").exists()
 
 
@@ -156,3 +156,30 @@ def test_help_lists_the_options(runner):
     assert r.exit_code == 0
     for opt in ("--output", "--workers", "--drop-unparseable", "--format", "--overwrite"):
         assert opt in r.output
+
+
+def test_a_split_that_dies_while_writing_leaves_nothing_half_written(runner, tmp_path, monkeypatch):
+    """A failure after pos.jsonl was staged (here: stats.json cannot be written) must leave no
+    pos.jsonl/neg.jsonl, no manifest and no temp file; a rerun then finishes normally."""
+    import os
+
+    from negkd import io
+
+    samples = write_samples(tmp_path / "samples.jsonl")
+    out = tmp_path / "split"
+    real = io.RunDir.write_json
+
+    def disk_full(self, name, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.RunDir, "write_json", disk_full)
+    r = split(runner, samples, "-o", out)
+    assert r.exit_code != 0 and isinstance(r.exception, OSError)
+    assert sorted(os.listdir(out)) == []
+    monkeypatch.setattr(io.RunDir, "write_json", real)
+    # a SIGKILLed run leaves its temp files behind (no cleanup runs): the next run removes them
+    (out / ".pos.jsonl.tmp-999999999").write_text("torn")
+    r = split(runner, samples, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ["manifest.json", "neg.jsonl", "pos.jsonl", "stats.json"]
+    assert len(read_jsonl(out / "pos.jsonl")) + len(read_jsonl(out / "neg.jsonl")) == 9

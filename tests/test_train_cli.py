@@ -274,3 +274,60 @@ def test_help_documents_every_flag_and_training_flags_are_shared(runner):
             continue
         assert (neg[name].help, neg[name].default, neg[name].opts) == (pos[name].help, pos[name].default,
                                                                        pos[name].opts), name
+
+
+def test_train_pos_neg_must_be_a_neg_lora(trained, tiny_model, tmp_path):
+    import shutil
+
+    runner, split = trained["runner"], trained["split"]
+    other = tmp_path / "pos-lora"
+    shutil.copytree(trained["neg"], other)
+    meta = json.loads((other / "negkd.json").read_text())
+    (other / "negkd.json").write_text(json.dumps({**meta, "kind": "pos-lora"}))
+    line = _error(runner, ["train-pos", str(split), "--neg", str(other)], tmp_path,
+                  f"--neg {other}: is a pos-lora adapter, not a Neg-LoRA")
+    assert "negkd train-neg NEG -o DIR --base-model M" in line
+    _error(runner, ["train-pos", str(split), "--neg", str(trained["nat"])], tmp_path, "is a nat adapter, not a Neg-LoRA")
+    # a stock PEFT adapter (no negkd.json) is still accepted, its recorded base checked
+    stock = tmp_path / "stock"
+    shutil.copytree(trained["neg"], stock)
+    (stock / "negkd.json").unlink()
+    (stock / "manifest.json").unlink()
+    r = invoke(runner, ["train-pos", str(split), "-o", str(tmp_path / "nat"), "--neg", str(stock), "--base-model",
+                        str(tiny_model), "--max-steps", "1", "--gate-dim", "4", *COMMON])
+    assert r.exit_code == 0, r.output
+
+
+def test_encoder_models_are_not_causal_lms(trained, tmp_path):
+    from transformers import BertConfig
+
+    from negkd.modeling import check_causal_lm
+
+    kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    BertConfig(**kw).save_pretrained(str(tmp_path / "bert"))
+    line = _error(trained["runner"], ["train-neg", str(trained["split"]), "--base-model", str(tmp_path / "bert")],
+                  tmp_path, "is an encoder (bert), not a causal LM")
+    assert "decoder-only model such as LLaMA/Qwen2/Mistral" in line
+    assert not (tmp_path / "out").exists()
+    BertConfig(is_decoder=True, **kw).save_pretrained(str(tmp_path / "bert-decoder"))
+    assert check_causal_lm(tmp_path / "bert-decoder").is_decoder
+
+
+def test_refused_resume_leaves_the_finished_run_untouched(trained, tiny_model):
+    from negkd.io import sha256_file
+
+    runner, split, root = trained["runner"], trained["split"], trained["root"]
+    out = root / "neg-refused"
+    args = ["train-neg", str(split), "-o", str(out), "--base-model", str(tiny_model), *COMMON]
+    assert invoke(runner, [*args, "--max-steps", "3"]).exit_code == 0
+
+    def tree():
+        return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = tree()
+    assert {"manifest.json", "adapter_model.safetensors", "adapter_config.json"} <= set(before)
+    r = invoke(runner, [*args, "--max-steps", "2", "--resume"])
+    assert r.exit_code == 1, r.output
+    lines = [x for x in r.output.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "beyond this run's 2 steps" in lines[0], r.output
+    assert tree() == before  # manifest.json, adapter, metrics and checkpoints byte for byte

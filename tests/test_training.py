@@ -173,3 +173,27 @@ def test_no_trainable_parameters_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no trainable parameters"):
         fit(m, [1, 2], config=TrainConfig(), out_dir=tmp_path, collate_fn=lambda b: {},
             accelerator=make_accelerator("cpu"))
+
+
+def test_check_resume_refuses_without_touching_the_dir(tiny_model, setup, tmp_path):
+    from negkd.io import sha256_file
+    from negkd.training import check_resume
+
+    tok, exs = setup
+    model = lora_model(tiny_model)
+    _fit(model, exs, tok, tmp_path, max_steps=3)
+    before = {p: sha256_file(p) for p in tmp_path.rglob("*") if p.is_file()}
+
+    def check(resume=True, **kw):
+        cfg = TrainConfig(**{"batch_size": 8, "grad_accum": 1, "lr": 1e-2, "log_every": 1, "warmup": 0, **kw})
+        check_resume(model, lengths(exs), config=cfg, out_dir=tmp_path, fingerprint=None, resume=resume)
+
+    check(max_steps=3)
+    check(max_steps=6)  # extending is fine
+    with pytest.raises(UserError, match="beyond this run's 2 steps"):
+        check(max_steps=2)
+    with pytest.raises(UserError, match="lr"):
+        check(max_steps=6, lr=5e-3)
+    with pytest.raises(UserError, match="pass --resume"):
+        check(resume=False, max_steps=6)
+    assert {p: sha256_file(p) for p in tmp_path.rglob("*") if p.is_file()} == before

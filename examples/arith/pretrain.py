@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arithgen  # noqa: E402
 
+# bump when arithgen.pretrain_text changes, so a cached base is rebuilt
+CORPUS_VERSION = 2
 CONFIG = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=4, max_position_embeddings=256)
 
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
 
-    stamp = {"config": CONFIG, "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch": [8, 256]}
+    stamp = {"config": CONFIG, "corpus": CORPUS_VERSION, "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch": [8, 256]}
     done = args.out / "pretrain.json"
     if done.is_file() and json.loads(done.read_text()).get("stamp") == stamp:
         print(f"pretrained base model up to date in {args.out}; reusing it")

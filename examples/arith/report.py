@@ -267,11 +267,12 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
              f"metrics.json on {agree}/{total} (model, split) pairs where eval reported an overall accuracy.\n")
 
     L.append("## Paired comparisons\n")
-    L.append("Difference A − B in points. *McNemar*: exact two-sided test on per-problem outcomes pooled over "
-             "seeds (each seed's A and B share teacher data and training seed). *Bootstrap*: 95% CI resampling "
-             "problems within each seed. *t-test*: paired over per-seed accuracies (needs ≥ 2 seeds; with 3 seeds "
-             "it has 2 degrees of freedom and little power).\n")
-    L.append("| A vs B | split | A − B | bootstrap 95% CI | A-only / B-only | McNemar p | paired-t p |")
+    L.append("Difference A − B in points. *Sign test*: exact two-sided test with the test problem as the unit "
+             "(per problem: seeds A solved minus seeds B solved; A-only / B-only count the problems leaning each "
+             "way); with one seed it is McNemar's test. *Bootstrap*: 95% CI resampling problems, one draw for all "
+             "seeds (they share the test problems). *t-test*: paired over per-seed accuracies (needs ≥ 2 seeds; "
+             "with 3 seeds it has 2 degrees of freedom and little power).\n")
+    L.append("| A vs B | split | A − B | bootstrap 95% CI | A-only / B-only | sign-test p | paired-t p |")
     L.append("|---|---|---|---|---|---|---|")
     verdicts = {}
     for a, b in [(a, b) for a, b in COMPARISONS if a in done and b in done]:
@@ -280,9 +281,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
             for ca, cb in zip(res[a][split], res[b][split]):
                 ids = sorted(ca)
                 groups.append(([ca[i] for i in ids], [cb[i] for i in ids]))
-            flat_a = [x for g in groups for x in g[0]]
-            flat_b = [x for g in groups for x in g[1]]
-            n10, n01, p = stats.mcnemar_exact(flat_a, flat_b)
+            n10, n01, p = stats.problem_sign_test(groups)
             d, lo, hi = stats.paired_bootstrap(groups, reps=1000)
             tt = stats.paired_t(acc[(a, split)], acc[(b, split)])
             verdicts[(a, b, split)] = (d, p)
@@ -311,14 +310,14 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
             per = [100 * sum(c.values()) / len(c) for c in vote[rule]]
             L.append(f"| {label} | {_fmt(*stats.mean_std(per), len(per))} | {' / '.join(f'{x:.1f}' for x in per)} |")
         L.append("")
-        L.append("| A vs B | A − B | bootstrap 95% CI | A-only / B-only | McNemar p |")
+        L.append("| A vs B | A − B | bootstrap 95% CI | A-only / B-only | sign-test p |")
         L.append("|---|---|---|---|---|")
         for rule in ("asc:1+s", "asc:1+2s", "asc:s"):
             groups = []
             for ca, cb in zip(vote[rule], vote["sc"]):
                 ids = sorted(ca)
                 groups.append(([ca[i] for i in ids], [cb[i] for i in ids]))
-            n10, n01, p = stats.mcnemar_exact([x for g in groups for x in g[0]], [x for g in groups for x in g[1]])
+            n10, n01, p = stats.problem_sign_test(groups)
             d, lo, hi = stats.paired_bootstrap(groups, reps=1000)
             verdicts[(rule, "sc", "test")] = (d, p)
             L.append(f"| {rule} vs SC | {d:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {n10} / {n01} | {p:.3g} |")
@@ -350,7 +349,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
             rel = f"is level with {NAMES.get(b, b)}"
         else:
             rel = f"is {abs(d):.1f} points {'higher' if d > 0 else 'lower'} than {NAMES.get(b, b)}"
-        return f"- {claim}: {NAMES.get(a, a)} {rel} on {split} (McNemar p = {p:.3g}, {sig})."
+        return f"- {claim}: {NAMES.get(a, a)} {rel} on {split} (sign-test p = {p:.3g}, {sig})."
 
     top = max(stats.mean_std(acc[(v, "test")])[0] for v in done)
     if top < 10:

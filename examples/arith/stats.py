@@ -2,10 +2,10 @@
 
 - :func:`mean_std`: mean and sample standard deviation (ddof=1; 0 for one value).
 - :func:`mcnemar_exact`: two-sided exact McNemar test on paired per-problem outcomes (binomial
-  test on the discordant pairs). Used with problems pooled across seeds: each (seed, problem) is
-  one pair of outcomes of the two methods trained with the same seed and data.
-- :func:`paired_bootstrap`: a percentile CI for the accuracy difference, resampling problems
-  (within each seed) with replacement.
+  test on the discordant pairs), for one seed.
+- :func:`paired_bootstrap`: a percentile CI for the accuracy difference, resampling problems with
+  replacement (one draw of problems for all seeds: they share the test problems).
+- :func:`problem_sign_test`: exact sign test with the problem as the unit (McNemar for one seed).
 - :func:`paired_t`: paired t-test over per-seed accuracies (needs >= 2 seeds).
 - :func:`overlap`: Table-1 analysis — problems solved by A, by B, by both, and their IoU.
 """
@@ -41,10 +41,17 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float
     return n10, n01, min(1.0, 2 * tail)
 
 
+def _aligned(groups) -> bool:
+    """Every group (seed) scores the same problems in the same order."""
+    return len({len(a) for a, _ in groups}) == 1
+
+
 def paired_bootstrap(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]], reps: int = 2000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Accuracy difference (a - b, in points) pooled over groups (one per seed), with a 95% percentile
-    CI from resampling problems within each group."""
+    CI. The seeds share their test problems, so problems are the unit resampled: one draw of problem
+    indices serves every seed (a cluster bootstrap). Groups of different problems fall back to
+    resampling within each group."""
     rng = random.Random(seed)
     diffs = [[int(x) - int(y) for x, y in zip(a, b)] for a, b in groups]
     total = sum(len(d) for d in diffs)
@@ -52,14 +59,34 @@ def paired_bootstrap(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]], re
         return float("nan"), float("nan"), float("nan")
     point = 100 * sum(sum(d) for d in diffs) / total
     stats = []
-    for _ in range(reps):
-        s = 0
-        for d in diffs:
-            n = len(d)
-            s += sum(d[rng.randrange(n)] for _ in range(n))
-        stats.append(100 * s / total)
+    if _aligned(groups):
+        per_problem = [sum(col) for col in zip(*diffs)]  # (problems,) summed over seeds
+        n = len(per_problem)
+        for _ in range(reps):
+            stats.append(100 * sum(per_problem[rng.randrange(n)] for _ in range(n)) / total)
+    else:
+        for _ in range(reps):
+            s = 0
+            for d in diffs:
+                n = len(d)
+                s += sum(d[rng.randrange(n)] for _ in range(n))
+            stats.append(100 * s / total)
     stats.sort()
     return point, stats[int(0.025 * reps)], stats[min(reps - 1, int(0.975 * reps))]
+
+
+def problem_sign_test(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]]) -> tuple[int, int, float]:
+    """Exact two-sided sign test with the problem as the unit: per problem, the number of seeds A got
+    right minus the number B got right; (#problems favouring A, #favouring B, p). With one seed it is
+    exactly McNemar's test. Unlike McNemar on (seed, problem) pairs pooled over seeds, it does not count
+    one problem's shared difficulty as independent evidence once per seed."""
+    if not _aligned(groups):
+        a = [x for g in groups for x in g[0]]
+        b = [x for g in groups for x in g[1]]
+        return mcnemar_exact(a, b)
+    per_problem = [sum(int(x) - int(y) for x, y in zip(col_a, col_b))
+                   for col_a, col_b in zip(zip(*[g[0] for g in groups]), zip(*[g[1] for g in groups]))]
+    return mcnemar_exact([d > 0 for d in per_problem], [d < 0 for d in per_problem])
 
 
 def _betacf(a: float, b: float, x: float) -> float:

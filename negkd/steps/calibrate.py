@@ -428,9 +428,7 @@ def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offse
     acc.wait_for_everyone()
     if run is None:
         return None
-    if main:
-        run.start()
-    try:
+    try:  # _train starts the run (touches DIR) once the student is built and every check passed
         return _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds, pos_path,
                       nce_args, resume, output)
     except BaseException:
@@ -450,7 +448,7 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
     from negkd.data import Collator, build_examples, lengths
     from negkd.io import atomic_write_text
     from negkd.modeling import load_model, load_tokenizer
-    from negkd.training import fit, latest_checkpoint, lm_weight, model_device
+    from negkd.training import check_resume, fit, latest_checkpoint, lm_weight, model_device
 
     main = acc.is_main_process
     out = Path(output)
@@ -470,6 +468,13 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
                        load_in_4bit=mopts.load_in_4bit, load_in_8bit=mopts.load_in_8bit,
                        trust_remote_code=mopts.trust_remote_code, gradient_checkpointing=mopts.gradient_checkpointing)
     student = build_student(model, nat_dir, la, gradient_checkpointing=mopts.gradient_checkpointing)
+    ident = recipe.base_identity(base)
+    fingerprint = {"args": {k: v for k, v in run.args.items() if k not in ("epochs", "max_steps")},
+                   "inputs": [i["sha256"] for i in run.inputs], "base": ident}
+    check_resume(student, lengths(examples), config=cfg, out_dir=out, fingerprint=fingerprint, resume=resume,
+                 world_size=acc.num_processes)
+    if main:  # every check passed: only now touch DIR
+        run.start()
 
     # per-example calibration records: append-only per process, merged at the end
     part = out / PART.format(rank=acc.process_index)
@@ -481,9 +486,6 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
                              beta_offset=nce_args["beta_offset"], calibrate=nce_args["calibration"], record=part,
                              sources=sources)
 
-    ident = recipe.base_identity(base)
-    fingerprint = {"args": {k: v for k, v in run.args.items() if k not in ("epochs", "max_steps")},
-                   "inputs": [i["sha256"] for i in run.inputs], "base": ident}
     meta = {"kind": "nce-lora", **ident, "template": dopts.template, "chat_template": dopts.chat_template,
             "loss_on_prompt": dopts.loss_on_prompt, "max_length": dopts.max_length,
             "data": [{"path": str(p), "sha256": i["sha256"]} for p, i in zip(run.input_paths, run.inputs)],

@@ -32,7 +32,7 @@ def command(
 ) -> None:
     """Score predictions against their gold answers, overall, per subject and per level.
 
-    Metrics: greedy (the first candidate), maj@N (majority vote over all N candidates, answers
+    Metrics: greedy (the first candidate; called "first" when `negkd infer` sampled it), maj@N (majority vote over all N candidates, answers
     grouped by mathematical equivalence, ties split fractionally), pass@k (unbiased estimator;
     k = 1, N and any --k; a record with n < k candidates counts as pass@n), and, when records
     carry "votes" from `negkd infer`, the accuracy of each voting rule (sc@N, asc@N[w] for
@@ -130,7 +130,9 @@ def _score(r: dict, preds: list, groups: list[list[int]], ks: list[int], ok, equ
     n = len(preds)
     correct = [ok(p, gold) for p in preds]
     c = sum(correct)
-    out = {"greedy": float(correct[0]), "n": n, "unparseable": sum(p is None for p in preds)}
+    # the first candidate is "greedy" unless infer says it was sampled (then it is called "first")
+    first = "first" if r.get("decoding") == "sampled" else "greedy"
+    out = {first: float(correct[0]), "n": n, "unparseable": sum(p is None for p in preds)}
     # majority vote over equivalence groups; the k groups tied at the top share the credit
     if groups:
         best = max(len(g) for g in groups)
@@ -235,17 +237,20 @@ def _print(metrics: dict) -> None:
             names += [s for s in m[part] if s not in names]
         if names == ["-"]:
             continue
-        table = Table(title=f"greedy / maj@N % by {title}", title_justify="left")
+        firsts = {lab: "first" if "first" in m["overall"] and "greedy" not in m["overall"] else "greedy"
+                  for lab, m in files.items()}
+        table = Table(title=f"{'/'.join(sorted(set(firsts.values())))} / maj@N % by {title}", title_justify="left")
         table.add_column(title)
         for lab in files:
             table.add_column(f"{lab} n", justify="right")
-            table.add_column(f"{lab} greedy", justify="right")
+            table.add_column(f"{lab} {firsts[lab]}", justify="right")
             table.add_column(f"{lab} maj@N", justify="right")
         for s in names:
             cells = []
-            for m in files.values():
+            for lab, m in files.items():
                 row = m[part].get(s)
-                cells += ["-", "-", "-"] if row is None else [f"{row['records']:,}", _pct(row["greedy"]), _pct(row["maj@N"])]
+                cells += (["-", "-", "-"] if row is None
+                          else [f"{row['records']:,}", _pct(row.get(firsts[lab])), _pct(row["maj@N"])])
             table.add_row(s, *cells)
         out.print(table)
 

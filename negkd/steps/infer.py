@@ -17,7 +17,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UserError
+from negkd.errors import UserError, choice
+from negkd.schemas import FORMATS
+
+PROBLEM_FORMATS = tuple(f for f in FORMATS if f != "predictions")
 
 PREDICTIONS = "predictions.jsonl"
 STATE = ".infer-state.json"  # settings of an unfinished run, checked on resume
@@ -76,7 +79,7 @@ def command(
                                                                "(instruct models). Default: as recorded in the "
                                                                "adapter / NAT metadata, else off.",
                                                           rich_help_panel=_GEN, show_default=False)] = None,
-    format: Annotated[str, typer.Option("--format", help="Problem file format: auto, negkd, math, math500, gsm8k, "
+    format: Annotated[str, typer.Option("--format", callback=choice(PROBLEM_FORMATS), help="Problem file format: auto, negkd, math, math500, gsm8k, "
                                                          "tdg, svamp, asdiv, multiarith, gsmhard.",
                                         rich_help_panel=_RUN)] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N problems (applied before --shard).",
@@ -186,7 +189,7 @@ def command(
     chat = bool(meta.get("chat_template", False)) if chat_template is None else chat_template
 
     # ---- problems (fully validated before anything is written)
-    path = resolve_input(problems, ["problems.jsonl", "test.jsonl"], produced_by="split")
+    path = resolve_input(problems, ["problems.jsonl", "test.jsonl"])
     probs = [p for _, p in iter_problems(path, format)]
     if limit is not None:
         probs = probs[:limit]
@@ -629,7 +632,8 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
                         c["score"] = round(float(s), 6)
                 votes = compute_votes([c["pred"] for c in cands],
                                       [c["score"] for c in cands] if scorer is not None else None)
-                rec = {**problem_fields(p), "candidates": cands, "votes": votes}
+                rec = {**problem_fields(p), "decoding": "greedy" if greedy else "sampled", "candidates": cands,
+                       "votes": votes}
                 if scorer is not None and votes[f"asc:{asc_weight}"] != votes["sc"]:
                     stats["asc_overturned"] += 1
                 fh.write(dumps(rec) + "\n")

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from negkd.console import log, warn
-from negkd.errors import UserError
+from negkd.errors import UserError, choice
 from negkd.io import RunDir, atomic_write_text, dumps, resolve_input
 from negkd.schemas import FORMATS
 
@@ -71,7 +71,7 @@ def command(
              "{instruction, examples:[{question, rationale}], template, stop}, or a text file / "
              "string containing {question}.")] = "math",
     fmt: Annotated[str, typer.Option(
-        "--format", help=f"Problem file format: {', '.join(FORMATS)}.")] = "auto",
+        "--format", callback=choice(FORMATS), help=f"Problem file format: {', '.join(FORMATS)}.")] = "auto",
     n: Annotated[int, typer.Option(help="Samples per problem (k = 0..n-1).")] = 8,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (the paper used 0.5).")] = 0.5,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass.")] = 1.0,
@@ -138,17 +138,19 @@ def command(
                    concurrency=concurrency, rpm=rpm, tpm=tpm, timeout=timeout, max_retries=max_retries,
                    backoff=backoff, limit=limit, batch_size=batch_size, price_in=price_in, price_out=price_out)
     if backend == Backend.openai:
+        # option conflicts are usage errors (exit 2), like any other bad flag
         if not base_url:
-            raise UserError("--backend openai needs --base-url (e.g. http://localhost:8000/v1 for vLLM, "
-                            "https://api.openai.com/v1 for OpenAI); or sample a local model with --backend hf")
+            raise typer.BadParameter("--backend openai needs --base-url (e.g. http://localhost:8000/v1 for vLLM, "
+                                     "https://api.openai.com/v1 for OpenAI); or sample a local model with "
+                                     "--backend hf", param_hint="'--base-url'")
         if not base_url.startswith(("http://", "https://")):
-            raise UserError(f"--base-url {base_url!r}: expected an http:// or https:// URL")
+            raise typer.BadParameter(f"{base_url!r}: expected an http:// or https:// URL", param_hint="'--base-url'")
         if chat_template:
-            raise UserError("--chat-template applies to --backend hf; with --backend openai, --api chat uses "
-                            "the server's own chat template")
+            raise typer.BadParameter("applies to --backend hf; with --backend openai, --api chat uses the "
+                                     "server's own chat template", param_hint="'--chat-template'")
     elif temperature <= 0:
-        raise UserError("--backend hf samples: --temperature must be > 0 (greedy decoding gives one answer, "
-                        "not n different rationales)")
+        raise typer.BadParameter("--backend hf samples: --temperature must be > 0 (greedy decoding gives one "
+                                 "answer, not n different rationales)", param_hint="'--temperature'")
     shard_k, shard_n = _parse_shard(shard)
     if no_seed:
         seed = None
@@ -166,7 +168,7 @@ def command(
 
     from negkd.schemas import read_problems
 
-    path = resolve_input(problems, ["problems.jsonl", "problems.json"], "split")
+    path = resolve_input(problems, ["problems.jsonl", "problems.json"])
     probs = read_problems(path, fmt)
     if limit is not None:
         probs = probs[:limit]
@@ -511,7 +513,10 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
     run.record_output(SAMPLES, records=summary["samples"])
     run.record_output(ERRORS, records=len(errors))
     dup = summary["duplicate_rate"]
-    endpoint = ({"backend": "openai", "host": stats.get("host"), "api": api.value} if backend == Backend.openai
+    from negkd.client import endpoint_host
+
+    # the host from the URL itself: a resumed run with nothing left to send has no client stats
+    endpoint = ({"backend": "openai", "host": endpoint_host(base_url), "api": api.value} if backend == Backend.openai
                 else {"backend": "hf", "model_dir": str(args["model"])})
     usage = {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"]}
     cost = _cost(usage["prompt_tokens"], usage["completion_tokens"], price_in, price_out)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UserError
+from negkd.errors import UserError, choice
 
 SAMPLE_FORMATS = ("auto", "negkd", "tdg", "predictions")
 
@@ -35,7 +35,7 @@ def command(
         typer.Option("--drop-unparseable", help="Leave rationales with no extractable final answer out of neg.jsonl (they are still counted)."),
     ] = False,
     fmt: Annotated[
-        str, typer.Option("--format", help=f"Input format: {', '.join(SAMPLE_FORMATS)} (auto: detected from the first record).")
+        str, typer.Option("--format", callback=choice(SAMPLE_FORMATS), help=f"Input format: {', '.join(SAMPLE_FORMATS)} (auto: detected from the first record).")
     ] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the step even if OUTPUT holds a finished run.")] = False,
 ) -> None:

@@ -130,12 +130,11 @@ def _check_neg(neg: Path, base_model: str | None, target_modules: str | None) ->
     from negkd import nat, recipe
     from negkd.errors import UserError
 
+    meta = recipe.read_meta(neg)  # before the adapter files: a NAT/NCE directory gets the kind-specific message
+    if meta.get("kind") not in (None, "neg-lora"):
+        raise UserError(f"--neg {neg}: is a {meta.get('kind')} adapter, not a Neg-LoRA; train one with "
+                        "`negkd train-neg NEG -o DIR --base-model M`")
     acfg, mods = nat.read_neg_adapter(neg)
-    meta = recipe.read_meta(neg)
-    if meta and meta.get("kind") not in (None, "neg-lora"):
-        from negkd.console import warn
-
-        warn(f"--neg {neg}: holds a {meta.get('kind')} adapter, not a Neg-LoRA from `negkd train-neg`; using it anyway")
     recorded = meta or {"base_model": acfg.get("base_model_name_or_path"),
                         "base_model_path": acfg.get("base_model_name_or_path")}
     if base_model is None:
