@@ -293,6 +293,16 @@ def test_vllm_backend_clear_error(runner, tmp_path, tiny_model):
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
 
 
+def test_vllm_refuses_flags_it_would_ignore(runner, tmp_path, tiny_model):
+    """Checked before vLLM is imported: the same message whether or not vLLM is installed."""
+    probs = write_problems(tmp_path / "p.jsonl", 1)
+    for flag in (["--load-in-4bit"], ["--load-in-8bit"]):
+        r = _infer(runner, probs, "-o", tmp_path / "out", "--model", tiny_model, "--backend", "vllm", *flag)
+        assert r.exit_code == 1, flag
+        assert "not supported by --backend vllm" in r.output and " ".join(flag) in r.output
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
 def test_nat_checkpoint_only_on_hf(runner, tmp_path, tiny_model):
     nat = tmp_path / "nat"
     nat.mkdir()

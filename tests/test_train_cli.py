@@ -243,6 +243,26 @@ def test_qlora_4bit_trains_on_cpu(trained, tiny_model):
     PeftModel.from_pretrained(base, str(out))
 
 
+def test_nat_on_a_4bit_base_and_8bit_lora_train_on_cpu(trained, tiny_model):
+    """QLoRA paths beyond train-neg: NAT (train-pos) on a 4-bit base, and an 8-bit train-neg, on CPU."""
+    from negkd import nat
+
+    out = trained["root"] / "nat-q4"
+    r = invoke(trained["runner"], ["train-pos", str(trained["split"]), "-o", str(out), "--neg", str(trained["neg"]),
+                                   "--load-in-4bit", "--max-steps", "2", *COMMON])
+    assert r.exit_code == 0, r.output
+    m = metrics(out)
+    assert len(m) == 2 and all(x["loss"] == x["loss"] for x in m)
+    assert any(k.startswith("g_neg/") for k in m[-1])  # the gate ran on the quantized layers
+    model, _, meta = nat.load(out, device="cpu", load_in_4bit=True)
+    assert getattr(model, "is_loaded_in_4bit", False) and nat.nat_layers(model)
+    out8 = trained["root"] / "neg-q8"
+    r = invoke(trained["runner"], ["train-neg", str(trained["split"]), "-o", str(out8), "--base-model", str(tiny_model),
+                                   "--load-in-8bit", "--max-steps", "2", *COMMON])
+    assert r.exit_code == 0, r.output
+    assert all(x["loss"] == x["loss"] for x in metrics(out8))
+
+
 def test_missing_bitsandbytes_message(trained, tiny_model, tmp_path, monkeypatch):
     import sys
 
@@ -331,3 +351,38 @@ def test_refused_resume_leaves_the_finished_run_untouched(trained, tiny_model):
     lines = [x for x in r.output.strip().splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "beyond this run's 2 steps" in lines[0], r.output
     assert tree() == before  # manifest.json, adapter, metrics and checkpoints byte for byte
+
+
+@pytest.mark.parametrize("arch, targets", [("qwen2", "q_proj,v_proj"), ("gpt_neox", "query_key_value")])
+def test_other_architectures_train_neg_and_nat(arch, targets, trained, tmp_path):
+    """Not only LLaMA: a tiny Qwen2 and a tiny GPT-NeoX (fused query_key_value) through train-neg and
+    train-pos (NAT), with the NAT unit attached to the architecture's own projection names."""
+    import transformers
+
+    from negkd import nat
+    from negkd.tiny import build_tokenizer, builtin_corpus
+
+    tok = build_tokenizer(builtin_corpus())
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.GPTNeoXConfig(**common)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+    base = tmp_path / arch
+    model.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    neg = tmp_path / "neg"
+    r = invoke(trained["runner"], ["train-neg", str(trained["split"]), "-o", str(neg), "--base-model", str(base),
+                                   "--target-modules", targets, "--max-steps", "2", *COMMON])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "nat"
+    r = invoke(trained["runner"], ["train-pos", str(trained["split"]), "-o", str(out), "--neg", str(neg),
+                                   "--max-steps", "2", *COMMON])
+    assert r.exit_code == 0, r.output
+    m, _, _ = nat.load(out, device="cpu")
+    names = list(nat.nat_layers(m))
+    assert len(names) == 2 * len(targets.split(",")) and all(n.rsplit(".", 1)[-1] in targets.split(",") for n in names)

@@ -344,11 +344,13 @@ def teacher_rationale(ops: list[list], name: str, thing: str, seed=None, index: 
 
 def pretrain_text(rng: random.Random, avoid: set[str] = frozenset()) -> str:
     """One unlabelled document: a problem statement followed by its own working, either as bare
-    equations or as one sentence per step (the phrasing of worked solutions), then the total.
-    No question sentence, no ``Problem:``/``Solution:`` format and no ``\\boxed{}``: the fine-tuning
-    format is left for LoRA to learn. (A base that saw only bare equations gave LoRA students that
-    could not write a worked step: its loss on gold solutions was 12.9 nats/token and every student
-    scored 0%.)"""
+    equations or as one sentence per step (the phrasing of worked solutions), then the total, and
+    in 30% of documents a closing "The answer is $\\boxed{N}$." line. No question sentence and no
+    ``Problem:``/``Solution:`` format: that is left for LoRA to learn. Why the worked steps and the
+    boxed line are here: LoRA leaves the (tied) embeddings frozen, so a token the base never saw keeps
+    its random embedding and the student cannot learn to emit it; with bare equations only, students
+    wrote the steps but garbled "The answer is \\boxed{..}" and every one scored 0%. A real base model
+    has seen \\boxed{} in LaTeX math text."""
     while True:
         level = rng.choice(LEVELS)
         ops = _random_ops(rng, level, MAX_NUM[level])
@@ -361,8 +363,9 @@ def pretrain_text(rng: random.Random, avoid: set[str] = frozenset()) -> str:
     worked = rng.random() < 0.5
     for op in ops:
         y = _apply(op, x)
-        if worked:
-            lines.append(_step_line(op, x, name, thing)[0])
+        if worked:  # worked solutions vary their wording a little ("Then ...", "So ... now.")
+            line = _step_line(op, x, name, thing)[0]
+            lines.append(("Then " + line) if lines and rng.random() < 0.3 else line)
         elif op[0] == "bags0":
             lines.append(f"{op[1]} * {op[2]} = {y}")
         elif op[0] == "bags":
@@ -373,7 +376,10 @@ def pretrain_text(rng: random.Random, avoid: set[str] = frozenset()) -> str:
             sym = {"add": "+", "sub": "-", "times": "*"}[op[0]]
             lines.append(f"{x} {sym} {op[1]} = {y}")
         x = y
-    return statement + "\n" + "".join(e + "\n" for e in lines) + f"{name} has {x} {thing}.\n"
+    total = f"So {name} has {x} {thing} now.\n" if worked and rng.random() < 0.3 else f"{name} has {x} {thing}.\n"
+    if rng.random() < 0.3:  # boxed final answers occur in math text (a real base has seen \boxed in LaTeX)
+        total += f"The answer is $\\boxed{{{x}}}$.\n"
+    return statement + "\n" + "".join(e + "\n" for e in lines) + total
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arithgen  # noqa: E402
 
 # bump when arithgen.pretrain_text changes, so a cached base is rebuilt
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 CONFIG = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=4, max_position_embeddings=256)
 

@@ -8,7 +8,7 @@ Per seed ``s`` (data split and base model are shared by all seeds):
     teacher server (127.0.0.1) --negkd sample--> samples --negkd split--> pos / neg
     gold  = negkd train-pos --no-neg  on the gold solutions          (fine-tune on gold)
     cotkd = negkd train-pos --no-neg  on pos                         (CoT-KD)
-    mix   = negkd train-pos --no-neg --mix neg  on pos               (MIX)
+    mix   = negkd train-pos SPLIT --mix SPLIT                        (MIX: one LoRA on pos + neg as if all right)
     neg   = negkd train-neg  on neg                                  (negative-only model)
     nat   = negkd train-pos --neg <neg>  on pos                      (NAT)
     nce   = negkd calibrate --nat <nat>  on pos                      (NAT+NCE)
@@ -281,10 +281,14 @@ def vote(sdir: Path, seed: int, variant: str, model: Path, ranker: Path) -> Path
     return pred
 
 
-def tune(seed: int = 0) -> dict:
+def tune(tag: str, seed: int = 0) -> dict:
     """LR grid on the val split (seed 0), same budget per method; NAT uses the tuned neg adapter and
-    NCE the tuned NAT checkpoint."""
-    sdir = WORK / "tune" / f"seed{seed}"
+    NCE the tuned NAT checkpoint. The grid runs in ``work/TAG/seed0``, so the seed-0 runs at the chosen
+    learning rates are the experiment's seed-0 runs (not trained twice); the LRs of one method train
+    side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sdir = WORK / tag / f"seed{seed}"
     sdir.mkdir(parents=True, exist_ok=True)
     teacher = teacher_samples(seed, sdir)
     split = sdir / "split"
@@ -292,15 +296,18 @@ def tune(seed: int = 0) -> dict:
     best: dict[str, float] = {}
     table: dict[str, dict] = {}
     dirs: dict[str, Path] = {}
-    for v in VARIANTS:
-        scores = {}
-        for lr in LR_GRID:
-            d = train(v, seed, lr, sdir, split, neg_dir=dirs.get("neg"), nat_dir=dirs.get("nat"))
-            scores[lr] = accuracy(greedy_eval(d)["val"])
-        best[v] = max(LR_GRID, key=lambda lr: (scores[lr], -lr))
-        dirs[v] = sdir / f"{v}-lr{best[v]:g}"
-        table[v] = {f"{lr:g}": s for lr, s in scores.items()}
-        print(f"tune {v}: val greedy {table[v]} -> lr {best[v]:g}", flush=True)
+
+    def one(v: str, lr: float) -> float:
+        d = train(v, seed, lr, sdir, split, neg_dir=dirs.get("neg"), nat_dir=dirs.get("nat"))
+        return accuracy(greedy_eval(d)["val"])
+
+    with ThreadPoolExecutor(JOBS) as ex:
+        for v in VARIANTS:
+            scores = dict(zip(LR_GRID, ex.map(lambda lr: one(v, lr), LR_GRID)))
+            best[v] = max(LR_GRID, key=lambda lr: (scores[lr], -lr))
+            dirs[v] = sdir / f"{v}-lr{best[v]:g}"
+            table[v] = {f"{lr:g}": sc for lr, sc in scores.items()}
+            print(f"tune {v}: val greedy {table[v]} -> lr {best[v]:g}", flush=True)
     TUNED.write_text(json.dumps({"lr": best, "val_greedy": table, "grid": LR_GRID, "seed": seed,
                                  "budget": TRAIN}, indent=1) + "\n")
     return best
@@ -322,7 +329,7 @@ def main(argv=None) -> None:
         started.write_text(str(t0))
     prepare_data()
     if args.tune:
-        lrs, lr_source = tune(), "tuned now on val (seed 0)"
+        lrs, lr_source = tune(args.tag), "tuned now on val (seed 0)"
     elif TUNED.is_file():
         lrs, lr_source = json.loads(TUNED.read_text())["lr"], f"fixed, from {TUNED.name} (the full run's val tuning)"
     else:

@@ -457,7 +457,9 @@ class _VLLM:
         self.lora = None
         if spec["adapter"]:
             r = int(json.loads((Path(spec["adapter"]) / "adapter_config.json").read_text()).get("r", 16))
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, r), max_loras=1)
+            # vLLM accepts only these LoRA ranks: round the adapter's r up to one of them
+            rank = next((x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r), r)
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
             self.lora = LoRARequest("student", 1, str(Path(spec["adapter"]).resolve()))
         tok_src = spec["adapter"] if spec["adapter"] and _has_tokenizer(Path(spec["adapter"])) else spec["base"]
         self.tokenizer = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
@@ -471,8 +473,9 @@ class _VLLM:
 
         if greedy:
             sp = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens)
-        else:
-            sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+        else:  # a seed per problem (seed + its index in the window), as the other backends do
+            sp = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + i)
+                  for i in range(len(prompts))]
         ids = self.tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], sp, lora_request=self.lora,
                                  use_tqdm=False)
@@ -489,6 +492,10 @@ def _make_backend(backend: Backend, spec: dict, **kw):
         return _HF(spec, kw["device"], kw["dtype"], kw["load_in_4bit"], kw["load_in_8bit"], kw["merge"],
                    kw["trust_remote_code"])
     if backend is Backend.vllm:
+        ignored = [f for f, on in (("--load-in-4bit", kw["load_in_4bit"]), ("--load-in-8bit", kw["load_in_8bit"])) if on]
+        if ignored:  # say so rather than silently run something else
+            raise UserError(f"{', '.join(ignored)}: not supported by --backend vllm (vLLM loads and quantizes the "
+                            "model itself; see its --quantization); drop the flag or use --backend hf")
         return _VLLM(spec, kw["dtype"], kw["trust_remote_code"])
     served = kw["served_model"] or (spec["base"] if spec["kind"] == "base" else None)
     return _OpenAI(spec, base_url=kw["base_url"], served_model=served, api_key_env=kw["api_key_env"],

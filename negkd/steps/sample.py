@@ -79,7 +79,9 @@ def command(
         help="Most tokens per rationale; rationales cut at this length are counted as truncated.")] = 1024,
     seed: Annotated[Optional[int], typer.Option(
         help="Base seed. Each request gets seed = hash(seed, problem id, k), recorded in the sample's "
-             "meta, so reruns are reproducible where the server honours seeds. Omit with --no-seed.")] = 0,
+             "meta, so reruns are reproducible where the server honours seeds. Omit with --no-seed. "
+             "--backend hf: one seed per batched generate over problems needing the same number of "
+             "samples (recorded in meta); a rerun of the same command reproduces them.")] = 0,
     no_seed: Annotated[bool, typer.Option(
         "--no-seed", help="Send no seed (for servers that reject the field).")] = False,
     n_per_request: Annotated[int, typer.Option(
