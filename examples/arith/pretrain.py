@@ -7,7 +7,7 @@ parameters) and a byte-level BPE tokenizer with digits split into single tokens
 no ``Problem:``/``Solution:`` format and no ``\\boxed{}``, so the fine-tuning format is learnt by
 LoRA, not here. No test/val/OOD question appears in the corpus.
 
-    python pretrain.py --splits work/data --out work/base --steps 500
+    python pretrain.py --splits work/data --out work/base --steps 2000
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--splits", type=Path, required=True, help="directory with train/val/test/ood.jsonl (from arithgen.py)")
     ap.add_argument("--out", type=Path, required=True, help="model directory to write (skipped if it is complete)")
-    ap.add_argument("--steps", type=int, default=500, help="optimizer steps (batch 8 x 256 tokens)")
+    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (batch 8 x 256 tokens; run.py uses the same)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -92,34 +92,12 @@ def best_variant(tag: str, seeds: list[int], lrs: dict) -> str:
 
 
 def _eval_overall(metrics_dir: Path) -> float | None:
-    """Best effort: eval's overall greedy accuracy (%), whatever its exact layout."""
+    """`negkd eval`'s overall greedy accuracy in % (its metrics.json holds fractions), or None."""
     p = metrics_dir / "metrics.json"
     if not p.is_file():
         return None
-    m = json.loads(p.read_text())
-    files = m.get("files") if isinstance(m, dict) else None
-    if isinstance(files, dict) and len(files) == 1:  # negkd eval: {"files": {label: {"overall": {...}}}}
-        m = next(iter(files.values()))
-
-    def find(o, depth=0):
-        if depth > 4 or not isinstance(o, dict):
-            return None
-        for k in ("overall", "all"):
-            if k in o:
-                r = find(o[k], depth + 1)
-                if r is not None:
-                    return r
-        for k in ("greedy", "accuracy", "acc"):
-            v = o.get(k)
-            if isinstance(v, (int, float)):
-                return float(v)
-            if isinstance(v, dict):
-                r = find(v, depth + 1)
-                if r is not None:
-                    return r
-        return None
-
-    return find(m)
+    (m,) = json.loads(p.read_text())["files"].values()  # one predictions file per eval run
+    return 100 * m["overall"]["greedy"]
 
 
 def _final_loss(d: Path) -> str:
@@ -203,7 +181,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append(f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
              f"`make -C examples/arith {tag}` (`python run.py {' '.join(argv)}`), wall time "
              f"**{wall / 60:.1f} min** from the first start of this tag (including any interrupted attempts it resumed) "
-             f"on {os.cpu_count()} CPU cores shared with other jobs.\n")
+             f"on {os.cpu_count()} CPU cores (load average {os.getloadavg()[1]:.1f} over the last 5 min).\n")
     L.append(f"Versions: {_versions()}.\n")
     t = runmod.TRAIN
     L.append(f"Setup: base = {runmod.PRETRAIN_STEPS}-step pretrained LLaMA (hidden 128, 4 layers, ~0.84M params; "
