@@ -255,14 +255,22 @@ def get_mode(model: nn.Module) -> str:
 
 
 @contextmanager
-def using_mode(model: nn.Module, mode: str):
-    before = {n: m.mode for n, m in nat_layers(model).items()}
-    set_mode(model, mode)
+def using_mode(model: nn.Module, mode: str, layers: list[NATLinear] | None = None):
+    """The unit in ``mode`` inside the context, each layer's previous mode restored after. Pass
+    ``layers`` (``list(nat_layers(model).values())``, found once) on a hot path to skip the module walk."""
+    if mode not in MODES:
+        raise ValueError(f"NAT mode {mode!r}: expected one of {', '.join(MODES)}")
+    layers = list(nat_layers(model).values()) if layers is None else layers
+    if not layers:
+        raise ValueError("the model has no NAT layers; attach them with nat.attach / nat.attach_new")
+    before = [m.mode for m in layers]
+    for m in layers:
+        m.mode = mode
     try:
         yield model
     finally:
-        for n, m in nat_layers(model).items():
-            m.mode = before.get(n, m.mode)
+        for m, b in zip(layers, before):
+            m.mode = b
 
 
 def mark_trainable(model: nn.Module) -> list[str]:

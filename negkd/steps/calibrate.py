@@ -65,22 +65,6 @@ class NCEObjective:
 
         self._nat_layers = list(nat.nat_layers(peft_model).values())  # found once, not per pass
 
-    def _mode(self, mode: str):
-        """Context: the NAT unit in ``mode`` for one teacher pass, back to "off" (the student's view) after."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():
-            for layer in self._nat_layers:
-                layer.mode = mode
-            try:
-                yield
-            finally:
-                for layer in self._nat_layers:
-                    layer.mode = "off"
-
-        return ctx()
-
     # -- which logits are needed -------------------------------------------------
     def _skip(self, labels) -> int:
         """Leading positions no row of the batch trains on (the shortest prompt): their logits are
@@ -108,7 +92,7 @@ class NCEObjective:
         Aligned like ``nce.shift``: position t predicts ``labels[:, skip + t + 1]``."""
         import torch
 
-        from negkd import nce
+        from negkd import nat, nce
 
         m = self.model
         if not self._nat_layers:
@@ -118,10 +102,10 @@ class NCEObjective:
         m.eval()  # no dropout: the teacher and beta are deterministic per example
         try:
             with torch.no_grad(), m.disable_adapter():
-                with self._mode("nat"):
+                with nat.using_mode(m, "nat", self._nat_layers):
                     z_nat = self._forward(m, input_ids, attention_mask, skip)[:, :-1]  # (B, L-1-skip, V)
                 if self.calibrate:
-                    with self._mode("neg-only"):
+                    with nat.using_mode(m, "neg-only", self._nat_layers):
                         z_neg = self._forward(m, input_ids, attention_mask, skip)[:, :-1]
                     kl = nce.sequence_kl(z_nat, z_neg, mask, self.temperature)  # (B,) mean KL(p_neg || p_nat)
                     del z_neg
