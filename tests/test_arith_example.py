@@ -194,3 +194,19 @@ def test_seed_pooled_statistics_treat_the_problem_as_the_unit():
     # one draw of problems for all seeds: every replicate is a multiple of 10 points (a problem = 3/30)
     assert lo < point < hi and all(math.isclose(x * 3 / 10 % 1, 0, abs_tol=1e-9) or True for x in (lo, hi))
     assert math.isclose(round(lo / 10) * 10, lo) and math.isclose(round(hi / 10) * 10, hi)
+
+
+def test_driver_reads_accuracy_from_a_real_eval_run(runner, tmp_path):
+    """run.accuracy (LR tuning) and report._eval_overall read what `negkd eval` writes, in %."""
+    import report
+    import run
+
+    from negkd.cli import app
+
+    rows = [{"id": f"val-{i}", "question": "q", "answer": "2", "decoding": "greedy",
+             "candidates": [{"rationale": "r", "pred": "2" if i < 3 else "5"}]} for i in range(4)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = runner.invoke(app, ["eval", str(tmp_path / "predictions.jsonl"), "-o", str(tmp_path / "m"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert run.accuracy(json.loads((tmp_path / "m" / "metrics.json").read_text())) == 75.0
+    assert report._eval_overall(tmp_path / "m") == 75.0

@@ -228,10 +228,10 @@ def eval_splits(pred: Path, splits=("val", "test", "ood")) -> dict[str, dict]:
 
 
 def accuracy(metrics: dict, key: str = "greedy") -> float:
-    """Overall accuracy (%) for one rule from negkd eval's metrics.json."""
-    m = metrics.get("overall", metrics)
-    v = m[key] if key in m else m["accuracy"][key]
-    return float(v["accuracy"] if isinstance(v, dict) else v)
+    """Overall accuracy (%) for one rule from negkd eval's metrics.json (one predictions file per
+    eval run here; eval stores fractions)."""
+    (m,) = metrics["files"].values()
+    return 100 * float(m["overall"][key])
 
 
 # ----------------------------------------------------------------------------- main
