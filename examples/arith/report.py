@@ -189,6 +189,18 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
              f"(2000 problems, levels 1-5); every variant trains **{t['steps']} optimizer steps x batch "
              f"{t['batch']}** (LoRA r={t['lora_r']}, alpha={t['lora_alpha']}, {t['targets']}; NAT gate d_g=128). "
              f"Learning rates: {lr_source}: " + ", ".join(f"{NAMES[v]} {lrs[v]:g}" for v in ORDER) + ".\n")
+    if runmod.TUNED.is_file() and "tuned" in lr_source:  # "tuned now on val" or "fixed, from tuned_lr.json"
+        tuned = json.loads(runmod.TUNED.read_text())
+        grid = [f"{lr:g}" for lr in tuned["grid"]]
+        L.append(f"LR tuning (`{runmod.TUNED.name}`): val greedy accuracy % of each method at each learning rate, "
+                 f"seed {tuned['seed']}, same budget; the chosen one in bold.\n")
+        L.append("| method | " + " | ".join(f"lr {g}" for g in grid) + " |")
+        L.append("|---|" + "---|" * len(grid))
+        for v in ORDER:
+            cells = [(f"**{tuned['val_greedy'][v][g]:.1f}**" if float(g) == tuned["lr"][v] else
+                      f"{tuned['val_greedy'][v][g]:.1f}") if g in tuned["val_greedy"].get(v, {}) else "-" for g in grid]
+            L.append(f"| {NAMES[v]} | " + " | ".join(cells) + " |")
+        L.append("")
     L.append(f"Test = 300 problems (60 per level 1-5), OOD = 200 problems with {__import__('arithgen').OOD_STEPS} "
              "steps (more than any training problem), val = 150 (LR tuning / model selection only). "
              "Greedy decoding, accuracy in %.\n")

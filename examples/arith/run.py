@@ -48,7 +48,7 @@ BASE = WORK / "base"
 TUNED = HERE / "tuned_lr.json"
 
 VARIANTS = ["gold", "cotkd", "mix", "neg", "nat", "nce"]
-LR_GRID = [1e-3, 3e-3]
+LR_GRID = [1e-3, 3e-3, 1e-2]
 DEFAULT_LR = 3e-3
 
 # The shared training budget (every variant): optimizer steps x batch.
