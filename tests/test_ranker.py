@@ -270,3 +270,15 @@ def test_recipe_infer_split_train_ranker(runner, tmp_path, tiny_model, monkeypat
     m = json.loads((tmp_path / "rk" / "val_metrics.json").read_text())
     assert m["questions"] == 2 and m["pairs"] == 2 * 1 * 2  # 1 positive x 2 negatives per held-out question
     assert m["train_pairs"] == 4 * 2
+
+
+def test_a_backbone_that_fails_to_build_leaves_no_output(runner, tmp_path, tiny_model):
+    """The output directory is touched only once the backbone and its LoRA are built."""
+    d = _graded(tmp_path, 6)
+    out = tmp_path / "rk"
+    r = runner.invoke(app, ["train-ranker", str(d), "-o", str(out), "--base-model", str(tiny_model),
+                            "--target-modules", "no_such_proj", "--max-steps", "1", "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "no_such_proj" in errors[0] and "Traceback" not in r.output
+    assert not out.exists()

@@ -128,7 +128,7 @@ def command(
         f"and a negative); {len(train_qs):,} train questions -> {len(pairs):,} pairs; {len(val_qs):,} held out")
 
     backbone = _resolve_backbone(base_model)
-    from negkd.training import fit, make_accelerator, model_device, open_run
+    from negkd.training import check_resume, fit, make_accelerator, model_device, open_run
 
     acc = make_accelerator(device)
     main = acc.is_main_process
@@ -140,8 +140,6 @@ def command(
     acc.wait_for_everyone()
     if run is None:
         return
-    if main:
-        run.start()
 
     from accelerate.utils import set_seed
 
@@ -180,8 +178,13 @@ def command(
 
     fp = {"args": {k: v for k, v in run.args.items() if k not in ("epochs", "max_steps")},
           "inputs": [i["sha256"] for i in run.inputs]}
+    lengths = [max(len(x["pos"][0]), len(x["neg"][0])) for x in items]
+    check_resume(model, lengths, config=cfg, out_dir=Path(output), fingerprint=fp, resume=resume,
+                 world_size=acc.num_processes)
+    if main:  # the backbone loaded and every check passed: only now touch DIR
+        run.start()
     res = fit(model, items, config=cfg, out_dir=output, collate_fn=collate_fn,
-              lengths=[max(len(x["pos"][0]), len(x["neg"][0])) for x in items], loss_fn=loss_fn,
+              lengths=lengths, loss_fn=loss_fn,
               weight_fn=lambda b: b["input_ids"].shape[0] // 2, save_fn=save_fn, fingerprint=fp, resume=resume,
               accelerator=acc, desc="train-ranker")
     acc.wait_for_everyone()
