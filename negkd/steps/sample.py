@@ -535,7 +535,7 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
         duplicate_rate=round(dup, 4),
         usage=usage,
         cost=cost,
-        this_run={k: v for k, v in stats.items() if k != "host"} | {"sampling_wall_s": round(sample_wall, 3)},
+        this_run=stats | {"sampling_wall_s": round(sample_wall, 3)},
     )
     _report(out, stats, summary, len(errors), len(wanted), sample_wall, price_in, price_out, cost)
     if errors:
@@ -723,7 +723,7 @@ def _sample_openai(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str,
                 state["requests_cpu_s"] = round(time.process_time() - c0, 3)
         finally:
             await teacher.aclose()
-        return teacher.stats.as_dict() | {"host": teacher.host, "written": state["written"],
+        return teacher.stats.as_dict() | {"written": state["written"],
                                           "requests_wall_s": state.get("requests_wall_s"),
                                           "requests_cpu_s": state.get("requests_cpu_s"),
                                           "failed_samples": state["failed_samples"],
