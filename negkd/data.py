@@ -198,3 +198,34 @@ def padding_share(batches: Iterable[Sequence[int]], lengths: Sequence[int]) -> f
         real += sum(ls)
         padded += max(ls) * len(ls)
     return 1.0 - real / padded if padded else 0.0
+
+
+def budget_split(rows: Sequence[int], lengths: Sequence[int], max_tokens: int, rows_per_item: int = 1,
+                 min_parts: int = 1) -> list[list[int]]:
+    """Cut the items ``rows`` of one optimizer step into micro-batches under a token budget.
+
+    The cost of a micro-batch is what ``Collator`` allocates: ``items x rows_per_item x longest``
+    padded tokens (``rows_per_item`` = 2 for the ranker's (positive, negative) pairs). Items are
+    sorted longest first and packed greedily while the cost stays ``<= max_tokens``; an item whose
+    own cost exceeds the budget becomes a micro-batch of its own (it cannot be split). Then, while
+    there are fewer than ``min_parts`` micro-batches (so every process runs the same number of
+    forward passes), the micro-batch with the most items is halved. Deterministic; every item
+    appears exactly once.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(rows, key=lambda i: -lengths[i])  # stable: ties keep the plan's order
+    parts: list[list[int]] = []
+    for i in order:
+        # longest first: the current part's longest is its first item
+        if parts and (len(parts[-1]) + 1) * rows_per_item * lengths[parts[-1][0]] <= max_tokens:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    while len(parts) < min_parts:
+        j = max(range(len(parts)), key=lambda k: len(parts[k]))
+        if len(parts[j]) < 2:
+            break  # fewer items than parts: the caller pads with zero-weight repeats
+        half = (len(parts[j]) + 1) // 2
+        parts[j:j + 1] = [parts[j][:half], parts[j][half:]]
+    return parts

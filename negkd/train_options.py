@@ -110,6 +110,11 @@ BatchSize = Annotated[int, typer.Option(help="Sequences per micro-batch per proc
                                              "and padded dynamically).", rich_help_panel=_OPT)]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches accumulated per optimizer step. Effective batch = "
                                              "batch-size x grad-accum x processes.", rich_help_panel=_OPT)]
+MaxBatchTokens = Annotated[Optional[int], typer.Option(
+    help="Token budget per forward pass: each optimizer step still covers the same batch-size x grad-accum "
+         "sequences, but they run as length-sorted micro-batches of at most N padded tokens (rows x longest row), "
+         "gradients averaged over tokens as without it, so peak memory is bounded by N whatever the data. A sequence "
+         "longer than N runs alone. Default: no budget (batch-size sequences per pass).", rich_help_panel=_OPT)]
 Epochs = Annotated[float, typer.Option(help="Passes over the data (fractions allowed). Ignored when --max-steps is set.",
                                        rich_help_panel=_OPT)]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (overrides --epochs; the data "
@@ -136,7 +141,7 @@ TargetModules = Annotated[Optional[str], typer.Option(
 # ---------------------------------------------------------------- converters
 def train_config(*, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None, lr: float,
                  warmup: float, schedule: str, weight_decay: float, max_grad_norm: float, seed: int,
-                 save_every: int, log_every: int):
+                 save_every: int, log_every: int, max_batch_tokens: int | None = None):
     """Validate the optimisation flags and return a ``negkd.training.TrainConfig``."""
     from negkd.training import TrainConfig
 
@@ -162,9 +167,11 @@ def train_config(*, batch_size: int, grad_accum: int, epochs: float, max_steps: 
         raise UserError(f"--save-every {save_every}: must be >= 0 (0: only at the end)")
     if log_every < 1:
         raise UserError(f"--log-every {log_every}: must be >= 1")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise UserError(f"--max-batch-tokens {max_batch_tokens}: must be >= 1 (padded tokens per micro-batch)")
     return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                        warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                       seed=seed, save_every=save_every, log_every=log_every)
+                       seed=seed, save_every=save_every, log_every=log_every, max_batch_tokens=max_batch_tokens)
 
 
 def parse_targets(spec: str | None, default: str = DEFAULT_TARGETS) -> list[str] | str:

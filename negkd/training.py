@@ -74,6 +74,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
     group_by_length: bool = True
+    max_batch_tokens: int | None = None  # padded tokens per micro-batch (None: batch_size items each)
 
 
 @dataclass
@@ -189,12 +190,20 @@ class Plan:
     Per epoch: micro-batches (length-grouped), padded to a multiple of the world size by
     repeating the first ones, dealt round-robin to processes, then cut into optimizer steps of
     ``grad_accum`` micro-batches (the last step of an epoch may have fewer, on every process).
+
+    With a token budget (``max_tokens``) an optimizer step covers exactly the same items; only
+    their cut into forward passes changes: each process's items of the step are re-cut by
+    ``data.budget_split`` into micro-batches of at most ``max_tokens`` padded tokens (an item
+    over the budget alone), and every process runs as many passes as the one that needs the most
+    (FSDP/DDP collectives must pair up): extra passes repeat the step's shortest item with weight 0
+    (``Filler``).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, world: int, rank: int,
-                 seed: int, group_by_length: bool = True):
+                 seed: int, group_by_length: bool = True, max_tokens: int | None = None, rows_per_item: int = 1):
         self.lengths, self.bs, self.ga = list(lengths), batch_size, grad_accum
         self.world, self.rank, self.seed, self.group = world, rank, seed, group_by_length
+        self.max_tokens, self.rows_per_item = max_tokens, rows_per_item
         n_micro = math.ceil(len(self.lengths) / batch_size)
         self.micro_per_rank = math.ceil(n_micro / world)
         self.steps_per_epoch = math.ceil(self.micro_per_rank / grad_accum)
@@ -210,14 +219,37 @@ class Plan:
                 batches = random_batches(len(self.lengths), self.bs, self.seed, e)
             need = self.micro_per_rank * self.world
             batches = batches + [batches[i % len(batches)] for i in range(need - len(batches))]
-            mine = batches[self.rank::self.world]
-            self._cache = {e: [mine[i:i + self.ga] for i in range(0, len(mine), self.ga)]}
+            steps = [[b[i:i + self.ga] for i in range(0, len(b), self.ga)]
+                     for b in (batches[r::self.world] for r in range(self.world))]
+            mine = steps[self.rank]
+            if self.max_tokens:
+                mine = [self._budgeted([steps[r][j] for r in range(self.world)]) for j in range(len(mine))]
+            self._cache = {e: mine}
         return self._cache[e]
+
+    def _budgeted(self, step_per_rank: list[list[list[int]]]) -> list[list[int]]:
+        """This process's micro-batches of one step under the token budget (see the class docstring)."""
+        from negkd.data import budget_split
+
+        def items(micro):
+            return [i for mb in micro for i in mb]
+
+        split = lambda rows, k=1: budget_split(rows, self.lengths, self.max_tokens, self.rows_per_item, k)  # noqa: E731
+        k = max(len(split(items(m))) for m in step_per_rank)
+        rows = items(step_per_rank[self.rank])
+        parts = split(rows, k)
+        shortest = min(rows, key=lambda i: self.lengths[i])
+        return parts + [Filler([shortest]) for _ in range(k - len(parts))]
 
     def step(self, s: int) -> tuple[int, list[list[int]]]:
         """(epoch, micro-batches) of global optimizer step ``s`` (0-based)."""
         e, j = divmod(s, self.steps_per_epoch)
         return e, self.epoch(e)[j]
+
+
+class Filler(list):
+    """A micro-batch that only pads a process's pass count (token budget): forward and backward run,
+    with weight 0, and nothing is logged or counted."""
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -282,8 +314,12 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
         loss_fn: Callable | None = None, weight_fn: Callable | None | str = "auto",
         save_fn: Callable | None = None, metrics_fn: Callable | None = None,
         fingerprint: dict | None = None, resume: bool = False, accelerator=None,
-        find_unused_parameters: bool = False, desc: str = "train") -> FitResult:
-    """Train ``model``'s ``requires_grad`` parameters on ``dataset``; see the module docstring."""
+        find_unused_parameters: bool = False, desc: str = "train", rows_per_item: int = 1) -> FitResult:
+    """Train ``model``'s ``requires_grad`` parameters on ``dataset``; see the module docstring.
+
+    ``rows_per_item``: sequences ``collate_fn`` makes of one item (2 for (positive, negative)
+    pairs), for ``config.max_batch_tokens``. Under a budget with ``weight_fn=None`` every item
+    weighs the same (a micro-batch weighs its number of items)."""
     import torch
     from accelerate.utils import set_seed
 
@@ -302,7 +338,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
     if len(lengths) != n:
         raise ValueError(f"lengths has {len(lengths)} entries for {n} items")
 
-    plan = Plan(lengths, config.batch_size, config.grad_accum, world, rank, config.seed, config.group_by_length)
+    plan = Plan(lengths, config.batch_size, config.grad_accum, world, rank, config.seed, config.group_by_length,
+                config.max_batch_tokens, rows_per_item)
     total = _total_steps(config, plan)
     n_warm = warmup_steps(config.warmup, total)
 
@@ -339,7 +376,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
         eff = config.batch_size * config.grad_accum * world
         log(f"{desc}: {n:,} examples, {plan.steps_per_epoch:,} steps/epoch, {total:,} steps "
             f"(effective batch {eff} = {config.batch_size} x {config.grad_accum} accum x {world} process"
-            f"{'es' if world > 1 else ''}), {sum(p.numel() for p in params):,} trainable parameters")
+            f"{'es' if world > 1 else ''}), {sum(p.numel() for p in params):,} trainable parameters"
+            + (f"; micro-batches of <= {config.max_batch_tokens:,} padded tokens" if config.max_batch_tokens else ""))
 
     # running sums between log steps (device tensors: no host sync per step)
     zero = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
@@ -362,8 +400,10 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
             while step < total:
                 epoch, micro = plan.step(step)
                 batches = [_to_device(collate_fn([dataset[i] for i in mb]), device) for mb in micro]
-                if weight_fn is not None:
-                    ws = [torch.as_tensor(weight_fn(b), device=device, dtype=torch.float64) for b in batches]
+                if weight_fn is not None or config.max_batch_tokens:
+                    ws = [torch.as_tensor(0.0 if isinstance(mb, Filler) else weight_fn(b) if weight_fn is not None
+                                          else len(mb), device=device, dtype=torch.float64)
+                          for mb, b in zip(micro, batches)]
                     w_local = torch.stack(ws).sum()
                     w_all = acc.reduce(w_local.clone(), reduction="sum") if world > 1 else w_local
                     scales = [world * w / w_all.clamp_min(1e-12) for w in ws]
@@ -380,7 +420,7 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                     for k, v in (logs or {}).items():
                         v = torch.as_tensor(v, device=device).detach().double()
                         acc_logs[k] = acc_logs.get(k, 0) + v * w
-                    if "attention_mask" in batch:
+                    if "attention_mask" in batch and not isinstance(micro[i], Filler):
                         acc_tok += batch["attention_mask"].sum()
                         acc_pad += batch["attention_mask"].numel()
                 if config.max_grad_norm > 0:
@@ -464,7 +504,8 @@ def _total_steps(config: TrainConfig, plan: Plan) -> int:
 
 def _fit_fingerprint(model, config: TrainConfig, fingerprint: dict | None, world: int, lengths: list[int]) -> dict:
     fp = {**(fingerprint or {}),
-          **{f"train.{k}": v for k, v in asdict(config).items() if k not in RUN_LENGTH_KEYS},
+          **{f"train.{k}": v for k, v in asdict(config).items()
+             if k not in RUN_LENGTH_KEYS and not (k == "max_batch_tokens" and v is None)},
           "train.world_size": world, "train.n_items": len(lengths),
           "train.lengths_sha": _sha(json.dumps(lengths)),
           "train.trainable": sorted(n_ for n_, p in model.named_parameters() if p.requires_grad)}

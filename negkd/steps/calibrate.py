@@ -318,6 +318,7 @@ def command(
     lora_dropout: T.LoraDropout = T.LORA_DROPOUT,
     target_modules: T.TargetModules = None,
     batch_size: T.BatchSize = T.BATCH_SIZE,
+    max_batch_tokens: T.MaxBatchTokens = None,
     grad_accum: T.GradAccum = T.GRAD_ACCUM,
     epochs: T.Epochs = T.EPOCHS,
     max_steps: T.MaxSteps = None,
@@ -358,7 +359,7 @@ def command(
 
 def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offset, no_calibration, with_gold,
          template, chat_template, loss_on_prompt, max_length, lora_r, lora_alpha, lora_dropout, target_modules,
-         batch_size, grad_accum, epochs, max_steps, lr, warmup, schedule, weight_decay, max_grad_norm, seed,
+         batch_size, max_batch_tokens, grad_accum, epochs, max_steps, lr, warmup, schedule, weight_decay, max_grad_norm, seed,
          save_every, log_every, resume, overwrite, device, dtype, load_in_4bit, load_in_8bit,
          gradient_checkpointing, trust_remote_code) -> dict | None:
     from negkd import recipe
@@ -374,7 +375,8 @@ def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offse
         raise UserError(f"--beta-offset {beta_offset}: must be >= 0")
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         seed=seed, save_every=save_every, log_every=log_every)
+                         seed=seed, save_every=save_every, log_every=log_every,
+                         max_batch_tokens=max_batch_tokens)
     la = T.lora_args(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
     max_length = T.check_max_length(max_length)
     nat_dir = Path(nat_dir)

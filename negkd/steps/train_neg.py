@@ -24,6 +24,7 @@ def command(
     lora_dropout: T.LoraDropout = T.LORA_DROPOUT,
     target_modules: T.TargetModules = None,
     batch_size: T.BatchSize = T.BATCH_SIZE,
+    max_batch_tokens: T.MaxBatchTokens = None,
     grad_accum: T.GradAccum = T.GRAD_ACCUM,
     epochs: T.Epochs = T.EPOCHS,
     max_steps: T.MaxSteps = None,
@@ -57,7 +58,8 @@ def command(
 
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         seed=seed, save_every=save_every, log_every=log_every)
+                         seed=seed, save_every=save_every, log_every=log_every,
+                         max_batch_tokens=max_batch_tokens)
     la = T.lora_args(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
     mopts = recipe.ModelOpts(base_model=base_model, device=device, dtype=dtype, load_in_4bit=load_in_4bit,
                              load_in_8bit=load_in_8bit, gradient_checkpointing=gradient_checkpointing,

@@ -40,6 +40,7 @@ def command(
         help="Modules to adapt for --no-neg/--mix (default q_proj,v_proj; all-linear allowed). With --neg, NAT wraps "
              "exactly the Neg-LoRA's modules and this must be left out or equal them.", rich_help_panel="LoRA")] = None,
     batch_size: T.BatchSize = T.BATCH_SIZE,
+    max_batch_tokens: T.MaxBatchTokens = None,
     grad_accum: T.GradAccum = T.GRAD_ACCUM,
     epochs: T.Epochs = T.EPOCHS,
     max_steps: T.MaxSteps = None,
@@ -81,7 +82,8 @@ def command(
                         f"(MIX baseline){'; got ' + ' and '.join(chosen) if chosen else ''}")
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         seed=seed, save_every=save_every, log_every=log_every)
+                         seed=seed, save_every=save_every, log_every=log_every,
+                         max_batch_tokens=max_batch_tokens)
     la = T.lora_args(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
     dopts = recipe.DataOpts(template=template, chat_template=chat_template, loss_on_prompt=loss_on_prompt,
                             max_length=T.check_max_length(max_length))

@@ -60,6 +60,7 @@ def command(
     target_modules: T.TargetModules = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per micro-batch per process (each pair is two rows).",
                                             rich_help_panel="Optimisation")] = T.BATCH_SIZE,
+    max_batch_tokens: T.MaxBatchTokens = None,
     grad_accum: T.GradAccum = 1,
     epochs: T.Epochs = 2.0,
     max_steps: T.MaxSteps = None,
@@ -110,7 +111,8 @@ def command(
         raise UserError(f"--score-batch-size {score_batch_size}: must be >= 1")
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         seed=seed, save_every=save_every, log_every=log_every)
+                         seed=seed, save_every=save_every, log_every=log_every,
+                         max_batch_tokens=max_batch_tokens)
     la = T.lora_args(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
     T.check_max_length(max_length)
     tmpl = load_template(template)
@@ -186,7 +188,7 @@ def command(
     res = fit(model, items, config=cfg, out_dir=output, collate_fn=collate_fn,
               lengths=lengths, loss_fn=loss_fn,
               weight_fn=lambda b: b["input_ids"].shape[0] // 2, save_fn=save_fn, fingerprint=fp, resume=resume,
-              accelerator=acc, desc="train-ranker")
+              accelerator=acc, desc="train-ranker", rows_per_item=2)
     acc.wait_for_everyone()
     if not main:
         return

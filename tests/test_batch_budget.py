@@ -1,0 +1,109 @@
+"""--max-batch-tokens: micro-batches under a padded-token budget, same optimizer steps."""
+
+import random
+
+import pytest
+import torch
+
+from negkd.data import Collator, budget_split, build_examples, lengths
+from negkd.prompts import DEFAULT_TEMPLATE
+from negkd.training import Filler, Plan, TrainConfig, fit, make_accelerator
+from test_training import lora_model, toy_rows
+
+
+def _cost(part, lens, rows_per_item=1):
+    return len(part) * rows_per_item * max(lens[i] for i in part)
+
+
+@pytest.mark.parametrize("rows_per_item", [1, 2])
+def test_budget_split_bounds_every_part_and_keeps_every_item(rows_per_item):
+    rng = random.Random(0)
+    lens = [rng.randint(5, 300) for _ in range(64)]
+    lens[7] = 900  # over the budget on its own
+    rows = list(range(64))
+    rng.shuffle(rows)
+    parts = budget_split(rows, lens, 800, rows_per_item)
+    assert sorted(i for p in parts for i in p) == list(range(64))
+    assert [7] in parts
+    for p in parts:
+        assert _cost(p, lens, rows_per_item) <= 800 or len(p) == 1
+    # greedy over the length-sorted items: no two neighbouring parts could have been one
+    for a, b in zip(parts, parts[1:]):
+        assert _cost(a + b, lens, rows_per_item) > 800
+    more = budget_split(rows, lens, 800, rows_per_item, min_parts=len(parts) + 5)
+    assert len(more) == len(parts) + 5 and sorted(i for p in more for i in p) == list(range(64))
+    assert all(_cost(p, lens, rows_per_item) <= 800 or len(p) == 1 for p in more)
+
+
+def test_plan_with_budget_covers_the_same_items_per_step_on_every_process():
+    rng = random.Random(1)
+    lens = [rng.choice([12, 40, 90, 400]) for _ in range(45)]
+    for world in (1, 2):
+        plain = [Plan(lens, 4, 3, world, r, seed=3) for r in range(world)]
+        budg = [Plan(lens, 4, 3, world, r, seed=3, max_tokens=400) for r in range(world)]
+        assert budg[0].steps_per_epoch == plain[0].steps_per_epoch
+        for s in range(2 * plain[0].steps_per_epoch):  # two epochs
+            counts = set()
+            for r in range(world):
+                e, micro = plain[r].step(s)
+                e2, bmicro = budg[r].step(s)
+                real = [mb for mb in bmicro if not isinstance(mb, Filler)]
+                assert e == e2
+                assert sorted(i for mb in real for i in mb) == sorted(i for mb in micro for i in mb)
+                assert all(_cost(mb, lens) <= 400 or len(mb) == 1 for mb in bmicro)
+                counts.add(len(bmicro))
+            assert len(counts) == 1  # every process makes the same number of passes
+
+
+def test_plan_pads_a_short_process_with_zero_weight_fillers():
+    # 5 items, batch 2, 2 processes: the epoch's last micro-batch holds one item; rank 1 gets it
+    # while rank 0's two 100-token items need 2 passes under a 150-token budget.
+    lens = [100] * 5
+    plans = [Plan(lens, 2, 1, 2, r, seed=0, max_tokens=150) for r in range(2)]
+    saw_filler = False
+    for s in range(plans[0].steps_per_epoch):
+        m0, m1 = plans[0].step(s)[1], plans[1].step(s)[1]
+        assert len(m0) == len(m1)
+        for m in (m0, m1):
+            fill = [mb for mb in m if isinstance(mb, Filler)]
+            saw_filler |= bool(fill)
+            assert all(len(f) == 1 for f in fill)
+    assert saw_filler
+
+
+def test_fit_under_a_budget_makes_the_same_update_with_smaller_passes(tiny_model, tmp_path, monkeypatch):
+    """One SGD step on 8 uneven rows: no budget vs a budget that forces several passes."""
+    from negkd.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    rows = toy_rows(8, seed=5)
+    rows[0]["rationale"] = " ".join([rows[0]["rationale"]] * 4)
+    exs, _ = build_examples(rows, tok, DEFAULT_TEMPLATE)
+    lens = lengths(exs)
+    budget = 2 * sorted(lens)[-2]  # the longest row runs alone, the others in pairs or more
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    deltas, shapes = [], []
+    for mbt in (None, budget):
+        m = lora_model(tiny_model, dropout=0.0, targets=["q_proj", "v_proj"])
+        before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+        seen = []
+        coll = Collator(tok.pad_token_id)
+
+        def collate(items, coll=coll, seen=seen):
+            b = coll(items)
+            seen.append(tuple(b["input_ids"].shape))
+            return b
+
+        cfg = TrainConfig(batch_size=8, grad_accum=1, lr=1.0, schedule="constant", warmup=0, max_grad_norm=0,
+                          max_steps=1, max_batch_tokens=mbt)
+        res = fit(m, exs, config=cfg, out_dir=tmp_path / str(mbt), collate_fn=collate, lengths=lens,
+                  accelerator=make_accelerator("cpu"))
+        deltas.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in m.named_parameters()
+                                 if p.requires_grad]))
+        shapes.append(seen)
+        assert res.tokens == sum(lens)
+    assert shapes[0] == [(8, max(lens))]
+    assert len(shapes[1]) >= 3 and sum(b for b, _ in shapes[1]) == 8
+    assert all(b * L <= budget or b == 1 for b, L in shapes[1])
+    assert deltas[0].abs().sum() > 0
+    torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
