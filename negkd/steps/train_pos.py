@@ -143,6 +143,9 @@ def _check_neg(neg: Path, base_model: str | None, target_modules: str | None) ->
         base = nat.resolve_base(recorded)
         if not base:
             raise UserError(f"--neg {neg}: does not record its base model; pass --base-model")
+        if Path(base).is_absolute() and not Path(base).exists():
+            raise UserError(f"--neg {neg}: its base model {base} no longer exists (a moved run directory?); pass "
+                            "--base-model with the model's new location")
     else:
         base = base_model
         if recorded.get("base_model") and not recipe.same_base(recipe.base_identity(base_model), recorded):
