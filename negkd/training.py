@@ -116,6 +116,16 @@ def make_accelerator(device: str = "auto", find_unused_parameters: bool = False)
         raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     acc = Accelerator(cpu=device == "cpu", device_placement=False, kwargs_handlers=handlers)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and acc.num_processes == 1:
+        raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up none of them as a "
+                        "group (each would train alone into the same DIR); on a machine without GPUs run "
+                        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ... (DDP over gloo)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type.value != "FSDP":
+        from negkd.console import warn
+
+        if acc.is_main_process:
+            warn(f"the FSDP config is ignored: accelerate enables FSDP only on GPUs/accelerators; this run is "
+                 f"{acc.distributed_type.value} (on CPU: DDP over gloo)")
     if acc.num_processes > 1 and acc.distributed_type.value == "MULTI_CPU":
         import torch
 
@@ -303,7 +313,12 @@ def _diff(a: dict, b: dict) -> list[str]:
 
 
 def _uses_sharded_state(acc) -> bool:
-    return acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+    return acc.distributed_type.value in ("DEEPSPEED", "MEGATRON_LM")
+
+
+def _is_fsdp(acc) -> bool:
+    """FSDP: checkpoints hold the gathered adapter tensors (negkd.sharded), as a single process writes them."""
+    return acc.distributed_type.value == "FSDP"
 
 
 # ---------------------------------------------------------------- fit
@@ -354,6 +369,7 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
     set_seed(config.seed + rank)
     wrapped, optimizer = acc.prepare(model, optimizer)
     unwrapped = acc.unwrap_model(wrapped)
+    params = [p for p in unwrapped.parameters() if p.requires_grad]  # FSDP2 swapped them for shards
     device = next(p.device for p in unwrapped.parameters() if p.requires_grad)
     cuda = device.type == "cuda"
     if cuda:
@@ -376,7 +392,7 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
         eff = config.batch_size * config.grad_accum * world
         log(f"{desc}: {n:,} examples, {plan.steps_per_epoch:,} steps/epoch, {total:,} steps "
             f"(effective batch {eff} = {config.batch_size} x {config.grad_accum} accum x {world} process"
-            f"{'es' if world > 1 else ''}), {sum(p.numel() for p in params):,} trainable parameters"
+            f"{'es, ' + acc.distributed_type.value if world > 1 else ''}), {sum(p.numel() for p in params):,} trainable parameters"
             + (f"; micro-batches of <= {config.max_batch_tokens:,} padded tokens" if config.max_batch_tokens else ""))
 
     # running sums between log steps (device tensors: no host sync per step)
@@ -480,6 +496,10 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
         raise
 
     seconds = time.perf_counter() - t_start
+    if _is_fsdp(acc):  # callers save the result on the main process: hand them full adapter tensors
+        from negkd import sharded
+
+        sharded.keep_plain_adapters(unwrapped, sharded.full_adapter_state(unwrapped))
     return FitResult(model=unwrapped, step=step, total_steps=total, steps_per_epoch=plan.steps_per_epoch,
                      resumed_from=resumed_from, seconds=seconds, tokens=int(tot_tok), padded_tokens=int(tot_pad),
                      history=history,
@@ -576,13 +596,23 @@ def _save_checkpoint(out_dir: Path, step: int, acc, unwrapped, wrapped, optimize
     if _uses_sharded_state(acc):
         acc.save_state(str(tmp / "accelerate"))  # every process writes its shard
     state = acc.get_state_dict(wrapped) if _uses_sharded_state(acc) else None
+    full = optim = None
+    if _is_fsdp(acc):  # collectives: every process gathers
+        from negkd import sharded
+
+        full, optim = sharded.full_adapter_state(unwrapped), sharded.optimizer_state(unwrapped, optimizer)
     if acc.is_main_process:
-        if state is None:
+        if full is not None:
+            names = sharded.trainable_names(unwrapped)
+            save_file({n: t for n, t in full.items() if n in names}, str(tmp / "trainable.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
+        elif state is None:
             save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if save_fn is not None:
-            save_fn(unwrapped, tmp)
+            with (sharded.plain_adapters(unwrapped, full) if full is not None else nullcontext()):
+                save_fn(unwrapped, tmp)
     torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -604,6 +634,12 @@ def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, ra
     st = json.loads((ck / "trainer_state.json").read_text())
     if _uses_sharded_state(acc):
         acc.load_state(str(ck / "accelerate"))
+    elif _is_fsdp(acc):
+        from negkd import sharded
+
+        sharded.load_trainable(unwrapped, load_file(str(ck / "trainable.safetensors")))
+        sharded.load_optimizer_state(unwrapped, optimizer,
+                                     torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
     else:
         sd = load_file(str(ck / "trainable.safetensors"))
         with torch.no_grad():
