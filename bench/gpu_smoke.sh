@@ -59,4 +59,44 @@ for name, label in (("neg", "train-neg bf16"), ("nat", "train-pos NAT bf16"),
     print(f"{label:28} {m['steps']:>5} {m.get('tokens_per_s', 0):>10,.0f} {m.get('peak_gpu_memory_gb') or 0:>12.3f} "
           f"{100 * m.get('padding_share', 0):>7.1f}% {last['loss']:>10.4f}")
 PYEOF
+# --max-batch-tokens on CUDA: the same run under a 2,048-token budget per pass (peak GPU memory side by side)
+run train-neg "$D/split" -o "$D/neg-budget" --base-model "$D/base" --max-batch-tokens 2048
+"$PY" - "$D" <<'PYEOF'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+a, b = (json.loads((d / n / "manifest.json").read_text()) for n in ("neg", "neg-budget"))
+print(f"--max-batch-tokens 2048: peak GPU {b['peak_gpu_memory_gb']:.3f} vs {a['peak_gpu_memory_gb']:.3f} GiB "
+      f"({b['peak_gpu_memory_gb'] / a['peak_gpu_memory_gb']:.2f}x), tokens/s {b['tokens_per_s'] / a['tokens_per_s']:.2f}x")
+PYEOF
+
+# FSDP2 (examples/fsdp.yaml) on 2 GPUs: train-neg, train-pos (NAT), calibrate; adapters vs 1 process x 2 accumulation
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$NGPU" -ge 2 ]; then
+    F=(--max-steps 4 --batch-size 8 --lr 1e-3 --warmup 0 --lora-dropout 0 --schedule constant --dtype float32 --overwrite)
+    fsdp() { echo "+ accelerate launch (FSDP2, 2 GPUs) negkd $*"; "$PY" -m accelerate.commands.launch --config_file examples/fsdp.yaml \
+             --num_processes 2 -m negkd "$@" "${F[@]}" --grad-accum 1; }
+    one() { echo "+ negkd $* (1 GPU)"; "$PY" -m negkd "$@" "${F[@]}" --grad-accum 2 --device cuda; }
+    one train-neg "$D/split" -o "$D/f-neg1" --base-model "$D/base"
+    fsdp train-neg "$D/split" -o "$D/f-neg2" --base-model "$D/base"
+    one train-pos "$D/split" -o "$D/f-nat1" --neg "$D/f-neg1"
+    fsdp train-pos "$D/split" -o "$D/f-nat2" --neg "$D/f-neg1"
+    one calibrate "$D/split" -o "$D/f-nce1" --nat "$D/f-nat1"
+    fsdp calibrate "$D/split" -o "$D/f-nce2" --nat "$D/f-nat1"
+    "$PY" - "$D" <<'PYEOF'
+import sys
+from pathlib import Path
+from safetensors.torch import load_file
+d = Path(sys.argv[1])
+for one, two, f in (("f-neg1", "f-neg2", "adapter_model.safetensors"), ("f-nat1", "f-nat2", "nat_model.safetensors"),
+                    ("f-nce1", "f-nce2", "adapter_model.safetensors")):
+    a, b = load_file(str(d / one / f)), load_file(str(d / two / f))
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    scale = max(a[k].float().abs().max().item() for k in a)
+    print(f"FSDP vs 1 process, {two}: max |diff| {diff:.2e} (largest |w| {scale:.3f})")
+    assert sorted(a) == sorted(b) and diff <= 1e-3 * max(scale, 1e-3), "FSDP adapter differs from the single-process one"
+PYEOF
+else
+    echo "gpu_smoke: FSDP check needs 2 GPUs ($NGPU visible); skipped"
+fi
 echo "gpu_smoke: ok"
