@@ -107,3 +107,43 @@ def test_fit_under_a_budget_makes_the_same_update_with_smaller_passes(tiny_model
     assert all(b * L <= budget or b == 1 for b, L in shapes[1])
     assert deltas[0].abs().sum() > 0
     torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
+
+
+def test_nat_and_nce_under_a_budget_match_runs_without_it(tiny_model, tmp_path):
+    """train-pos (NAT) and calibrate (NCE) from the CLI: the budget changes the passes, not the result."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from test_train_cli import COMMON, invoke, write_split
+
+    torch.set_num_threads(1)
+    split = write_split(tmp_path / "split", n=24)
+    run = ["--max-steps", "2", "--lora-dropout", "0", *COMMON]
+    r = invoke(CliRunner(), ["train-neg", str(split), "-o", str(tmp_path / "neg"), "--base-model", str(tiny_model), *run])
+    assert r.exit_code == 0, r.output
+    for budget in (None, "60"):
+        flag = ["--max-batch-tokens", budget] if budget else []
+        nat, nce = tmp_path / f"nat-{budget}", tmp_path / f"nce-{budget}"
+        r = invoke(CliRunner(), ["train-pos", str(split), "-o", str(nat), "--neg", str(tmp_path / "neg"),
+                                 "--gate-dim", "8", *run, *flag])
+        assert r.exit_code == 0, r.output
+        r = invoke(CliRunner(), ["calibrate", str(split), "-o", str(nce), "--nat", str(tmp_path / "nat-None"),
+                                 *run, *flag])
+        assert r.exit_code == 0, r.output
+    assert "micro-batches of <= 60 padded tokens" in r.output
+    for d, f in (("nat", "nat_model.safetensors"), ("nce", "adapter_model.safetensors")):
+        a, b = load_file(str(tmp_path / f"{d}-None" / f)), load_file(str(tmp_path / f"{d}-60" / f))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_budget_is_a_one_line_error(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from test_train_cli import invoke
+
+    r = invoke(CliRunner(), ["train-neg", str(tmp_path), "-o", str(tmp_path / "out"), "--base-model", str(tiny_model),
+                             "--max-batch-tokens", "0"])
+    assert r.exit_code == 1 and "--max-batch-tokens 0: must be >= 1" in r.output
+    assert not (tmp_path / "out").exists()

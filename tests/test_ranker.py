@@ -282,3 +282,18 @@ def test_a_backbone_that_fails_to_build_leaves_no_output(runner, tmp_path, tiny_
     errors = [line for line in r.output.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "no_such_proj" in errors[0] and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_ranker_under_a_token_budget_counts_a_pair_as_two_rows(trained, tmp_path):
+    """--max-batch-tokens: each pass holds pairs x 2 rows x longest <= budget; training still converges."""
+    from typer.testing import CliRunner
+
+    out, args, _ = trained
+    budget_out = tmp_path / "rk-budget"
+    args = [a if a != str(out) else str(budget_out) for a in args] + ["--max-batch-tokens", "200"]
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "micro-batches of <= 200 padded tokens" in r.output
+    a, b = read_jsonl(out / "metrics.jsonl"), read_jsonl(budget_out / "metrics.jsonl")
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    assert [h["tokens"] for h in a] == [h["tokens"] for h in b]  # the same pairs in every step
