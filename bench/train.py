@@ -16,6 +16,10 @@ once), so tokens/s counts real (non-padding) tokens and compares like with like.
     python bench/train.py --n 512 --json out.json
 
 Targets (issue 4): negkd >= 3x the reference's tokens/s, < 10% padding.
+
+negkd against TRL's SFTTrainer + PEFT (fed negkd's exact batches, with a loss-parity check) and
+negkd with vs without --max-batch-tokens, at 512 real rationales and a hidden-512 LLaMA, each row
+in its own process for an honest peak RSS: ``bench/train_peer.py`` (needs ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations

@@ -639,7 +639,7 @@ def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, ra
 
         sharded.load_trainable(unwrapped, load_file(str(ck / "trainable.safetensors")))
         sharded.load_optimizer_state(unwrapped, optimizer,
-                                     torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
+                                     torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True))
     else:
         sd = load_file(str(ck / "trainable.safetensors"))
         with torch.no_grad():
