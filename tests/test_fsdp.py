@@ -100,3 +100,12 @@ def test_fsdp_resume_and_token_budget(root, tiny_model):
     man = json.loads((out / "manifest.json").read_text())
     assert man["steps"] == 3 and man["resumed_from"] == 2 and man["world_size"] == 2
     assert_same(out, root / "b-1", "adapter_model.safetensors")
+
+
+def test_fsdp_bf16_base_with_float32_adapters(root, tiny_model):
+    """Mixed dtypes in one FSDP unit (bf16 frozen base, float32 LoRA/NAT tensors) shard and save."""
+    split, out = str(root / "split"), root / "nat-bf16"
+    fsdp(["train-pos", split, "-o", str(out), "--neg", str(root / "neg-1"), "--gate-dim", "16", *RUN,
+          "--dtype", "bfloat16"], root)
+    w = load_file(str(out / "nat_model.safetensors"))
+    assert w and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
