@@ -66,10 +66,16 @@ def root(tiny_model, tmp_path_factory):
     return d
 
 
-def test_fsdp_runs_equal_a_single_process_run(root, tiny_model):
+@pytest.fixture(scope="module")
+def neg1(root, tiny_model):
+    single(["train-neg", str(root / "split"), "-o", str(root / "neg-1"), "--base-model", str(tiny_model), *RUN,
+            "--grad-accum", "2"])
+    return root / "neg-1"
+
+
+def test_fsdp_runs_equal_a_single_process_run(root, tiny_model, neg1):
     """2 FSDP processes x batch 8 = one process x batch 8 x 2 accumulation: the same rows per step."""
     split, base = str(root / "split"), ["--base-model", str(tiny_model)]
-    single(["train-neg", split, "-o", str(root / "neg-1"), *base, *RUN, "--grad-accum", "2"])
     fsdp(["train-neg", split, "-o", str(root / "neg-f"), *base, *RUN, "--save-every", "2"], root)
     assert_same(root / "neg-f", root / "neg-1", "adapter_model.safetensors")
     assert_same(root / "neg-f" / "checkpoints" / "step-00000003", root / "neg-1" / "checkpoints" / "step-00000003",
@@ -102,10 +108,10 @@ def test_fsdp_resume_and_token_budget(root, tiny_model):
     assert_same(out, root / "b-1", "adapter_model.safetensors")
 
 
-def test_fsdp_bf16_base_with_float32_adapters(root, tiny_model):
+def test_fsdp_bf16_base_with_float32_adapters(root, neg1):
     """Mixed dtypes in one FSDP unit (bf16 frozen base, float32 LoRA/NAT tensors) shard and save."""
     split, out = str(root / "split"), root / "nat-bf16"
-    fsdp(["train-pos", split, "-o", str(out), "--neg", str(root / "neg-1"), "--gate-dim", "16", *RUN,
+    fsdp(["train-pos", split, "-o", str(out), "--neg", str(neg1), "--gate-dim", "16", *RUN,
           "--dtype", "bfloat16"], root)
     w = load_file(str(out / "nat_model.safetensors"))
     assert w and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
