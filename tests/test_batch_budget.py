@@ -147,3 +147,41 @@ def test_bad_budget_is_a_one_line_error(tiny_model, tmp_path):
                              "--max-batch-tokens", "0"])
     assert r.exit_code == 1 and "--max-batch-tokens 0: must be >= 1" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_budget_run_resumes_to_the_same_curve(tiny_model, tmp_path):
+    from negkd.errors import UserError
+    from negkd.modeling import load_tokenizer
+    from negkd.training import latest_checkpoint, lm_loss, lm_weight
+
+    tok = load_tokenizer(str(tiny_model))
+    exs, _ = build_examples(toy_rows(24), tok, DEFAULT_TEMPLATE)
+
+    def go(out, **kw):
+        cfg = TrainConfig(**{"batch_size": 4, "grad_accum": 2, "lr": 1e-2, "warmup": 0, "log_every": 1,
+                             "max_steps": 6, "save_every": 2, "max_batch_tokens": 70, **kw.pop("cfg", {})})
+        return fit(lora_model(tiny_model, seed=kw.pop("seed", 0)), exs, config=cfg, out_dir=out,
+                   collate_fn=Collator(tok.pad_token_id), lengths=lengths(exs), accelerator=make_accelerator("cpu"),
+                   **kw)
+
+    full = go(tmp_path / "full")
+    plan = Plan(lengths(exs), 4, 2, 1, 0, seed=0, max_tokens=70)
+    passes = [len(plan.step(s)[1]) for s in range(6)]
+    assert passes[0] > 2  # the budget splits the 8 rows of a step
+    calls = {"n": 0}
+
+    def dies(model, batch):
+        calls["n"] += 1
+        if calls["n"] > sum(passes[:3]) + 1:  # inside step 4, after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return lm_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "cut", loss_fn=dies, weight_fn=lm_weight)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-00000002"
+    with pytest.raises(UserError, match="max_batch_tokens"):
+        go(tmp_path / "cut", resume=True, cfg={"max_batch_tokens": 200})  # the budget is part of the settings
+    res = go(tmp_path / "cut", resume=True, seed=99)
+    assert res.resumed_from == 2 and res.step == 6
+    torch.testing.assert_close([r["loss"] for r in res.history], [r["loss"] for r in full.history[2:]],
+                               rtol=1e-5, atol=1e-6)
