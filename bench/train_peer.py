@@ -5,7 +5,7 @@ Setup (issue 15 §4): N real GPT-3.5 rationales (question + rationale) from the 
 data, a random LLaMA (hidden 512, 8 layers, BPE vocab ~10.7k trained on those texts), LoRA r=8
 alpha 16 dropout 0.05 on q_proj,v_proj (the same PEFT adapter, same seed, in every row), batch
 8, max length 1024, fp32, AdamW lr 1e-4 constant, grad-norm clip 1.0, 2 threads, no gradient
-checkpointing (SFTConfig turns it on by default: half the peak memory at ~0.55x the speed here).
+checkpointing (TRL's SFTConfig turns it on by default; negkd's --gradient-checkpointing is off).
 
 Rows, each in its own subprocess (so peak RSS is the row's own), interleaved over --rounds:
 
