@@ -38,6 +38,14 @@ Behaviour:
 - *Fatal errors* stop the run instead of burning through the input: 400 (except a prompt over
   the context length, which fails only its own request), 401, 403, 404, 422, and a 429 whose
   code is ``insufficient_quota``. They raise :class:`FatalError` with a message that names the fix.
+  Error text is read from OpenAI-style ``{"error": {"message"}}``, flat ``{"message"}`` (older
+  vLLM) and FastAPI-style ``{"detail": ...}`` bodies (``transformers serve``).
+- *Circuit breaker*: when every attempt for ``breaker_s`` seconds (and at least 3 in a row)
+  failed to connect, the server is down: a :class:`FatalError` naming the URL stops the run
+  instead of retrying each request for minutes. Any answer from the server (even a 500) resets it.
+- *n choices per prompt*: :class:`NChoices` asks for up to ``n_per_request`` choices in one
+  request and falls back to one request per choice when a server rejects ``n`` or returns fewer
+  choices than asked (``transformers serve`` ignores ``n``); ``sample`` and ``infer`` share it.
 - *Rate limits* (client side): ``rpm`` requests and ``tpm`` tokens per minute, token buckets
   holding one second of budget; a request is charged its estimated prompt tokens plus
   ``max_tokens * n`` up front (what OpenAI counts), plus any reported usage beyond that.
@@ -235,7 +243,10 @@ def _retry_after(headers) -> float | None:
 
 
 def _error_message(body: Any, fallback: str) -> tuple[str, str | None, str | None]:
-    """(message, code, param) of an OpenAI-style error body."""
+    """(message, code, param) of an error body: OpenAI-style ``{"error": {"message", "code",
+    "param"}}``, flat ``{"message"}``, or FastAPI's ``{"detail": str | [{"loc", "msg"}, ...]}``."""
+    if isinstance(body, dict) and "error" not in body and "message" not in body and "detail" in body:
+        return _detail_message(body["detail"], fallback), None, None
     err = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(err, dict):
         msg = err.get("message") or fallback
@@ -246,6 +257,24 @@ def _error_message(body: Any, fallback: str) -> tuple[str, str | None, str | Non
     if isinstance(body, str) and body.strip():
         return body.strip()[:300], None, None
     return fallback, None, None
+
+
+def _detail_message(detail: Any, fallback: str) -> str:
+    """FastAPI's ``detail``: a string, or a list of validation errors ``{"loc": [...], "msg": ...}``."""
+    if isinstance(detail, str) and detail.strip():
+        return detail.strip()[:500]
+    if isinstance(detail, list) and detail:
+        parts = []
+        for d in detail[:5]:
+            if isinstance(d, dict) and d.get("msg"):
+                loc = ".".join(str(x) for x in d.get("loc") or [] if x != "body")
+                parts.append(f"{loc}: {d['msg']}" if loc else str(d["msg"]))
+            else:
+                parts.append(str(d))
+        return "; ".join(parts)[:500]
+    if isinstance(detail, dict):
+        return str(detail.get("message") or detail.get("msg") or json.dumps(detail))[:500]
+    return fallback
 
 
 def _context_length(msg: str, code: str | None) -> bool:
@@ -261,7 +290,8 @@ class Teacher:
                  api_key_env: str = "OPENAI_API_KEY", timeout: float = 600.0, max_retries: int = 6,
                  concurrency: int = 16, rpm: float | None = None, tpm: float | None = None,
                  backoff: float = 1.0, max_backoff: float = 60.0, max_retry_after: float = 600.0,
-                 on_retry: Callable[[str], None] | None = None, transport: str = "pool"):
+                 on_retry: Callable[[str], None] | None = None, transport: str = "pool",
+                 breaker_s: float = 10.0, model_flag: str = "--model"):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be chat or completions, not {api!r}")
         if transport not in ("pool", "openai"):
@@ -285,6 +315,10 @@ class Teacher:
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
         self.on_retry = on_retry
+        self.breaker_s = float(breaker_s)  # <= 0: off
+        self.model_flag = model_flag  # the CLI flag that sets `model`, named in error messages
+        self._down_since: float | None = None  # first of the connection failures in a row
+        self._down_count = 0
         self.stats = Stats()
         self._rpm = RateLimiter(rpm) if rpm else None
         self._tpm = RateLimiter(tpm) if tpm else None
@@ -377,6 +411,7 @@ class Teacher:
                     latency = time.perf_counter() - t0
             except _Retryable as e:
                 self.stats.errors[e.kind] += 1
+                self._breaker(e)
                 if e.kind == "status:429" and e.retry_after:
                     self._pause_until = max(self._pause_until, time.monotonic() + min(e.retry_after, self.max_retry_after))
                 if attempt >= self.max_retries:
@@ -396,9 +431,14 @@ class Teacher:
                 await asyncio.sleep(delay)
                 continue
             except RequestFailed as e:
+                self._down_since, self._down_count = None, 0  # the server answered
                 e.attempts = attempt + 1
                 self.stats.failed += 1
                 raise
+            except FatalError:
+                self._down_since, self._down_count = None, 0
+                raise
+            self._down_since, self._down_count = None, 0
             if self._tpm is not None:  # charge usage beyond the estimate; never refund (OpenAI does not)
                 self._tpm.adjust(min(0.0, charged - (resp.prompt_tokens + resp.completion_tokens)))
             resp.attempts = attempt + 1
@@ -408,6 +448,22 @@ class Teacher:
             self.stats.prompt_tokens += resp.prompt_tokens
             self.stats.completion_tokens += resp.completion_tokens
             return resp
+
+    def _breaker(self, e: _Retryable) -> None:
+        """Count connection failures in a row; raise FatalError once they span ``breaker_s``."""
+        if e.kind != "connection":
+            self._down_since, self._down_count = None, 0
+            return
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        self._down_count += 1
+        down = now - self._down_since
+        if self.breaker_s > 0 and self._down_count >= 3 and down >= self.breaker_s:
+            raise FatalError(self.scrub(
+                f"cannot connect to {self.base_url}: every request for the last {down:.0f}s failed to connect "
+                f"({self._down_count} attempts in a row; last: {e}); is the server running (did it crash)? "
+                "Start it again"), None, "server_down")
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -422,6 +478,8 @@ class Teacher:
         try:
             r = await self._http.post(self._url, content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                                       headers=self._headers)
+        except hx.ConnectTimeout:
+            raise _Retryable("connection", "connection error: ConnectTimeout") from None
         except hx.TimeoutException:
             raise _Retryable("timeout", f"request timed out after {self.timeout:g}s") from None
         except hx.RequestError as e:
@@ -439,7 +497,9 @@ class Teacher:
         oa = self._openai
         try:
             r = await self._client.post(self.path, body=body, cast_to=self._httpx.Response)
-        except oa.APITimeoutError:
+        except oa.APITimeoutError as e:
+            if isinstance(e.__cause__ or e.__context__, self._httpx.ConnectTimeout):
+                raise _Retryable("connection", "connection error: ConnectTimeout") from None
             raise _Retryable("timeout", f"request timed out after {self.timeout:g}s") from None
         except oa.APIConnectionError as e:
             cause = e.__cause__ or e.__context__
@@ -480,10 +540,11 @@ class Teacher:
             return f"{where} refused access (403: {msg}); the key in ${self.api_key_env} lacks permission for model {self.model!r}"
         if status == 404:
             if code == "model_not_found" or "model" in msg.lower():
-                return f"{self.host} does not serve model {self.model!r} (404: {msg}); check --model (GET {self.base_url.rstrip('/')}/models lists them)"
+                return (f"{self.host} does not serve model {self.model!r} (404: {msg}); check {self.model_flag} "
+                        f"(GET {self.base_url.rstrip('/')}/models lists them)")
             return (f"{where} not found (404: {msg}); check --base-url (it usually ends in /v1) and --api "
                     f"({self.api!r}: does the server offer this endpoint?)")
-        return f"{where} rejected the request ({status}: {msg}); check the sampling options and --model"
+        return f"{where} rejected the request ({status}: {msg}); check the sampling options and {self.model_flag}"
 
     def _parse(self, r) -> Response:
         try:
@@ -588,6 +649,64 @@ async def run_jobs(teacher: Teacher, jobs: Iterable[Job], params: SamplingParams
             if not t.done():
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class NChoices:
+    """``n`` choices per prompt, asked ``n_per_request`` at a time, with the fallback both
+    ``sample`` and ``infer`` need: a server that rejects ``n`` (400/422 on an ``n > 1`` request)
+    or returns fewer choices than asked (``transformers serve`` answers ``n = 4`` with one) switches
+    every later request to ``n = 1``, and the choices still missing are asked one request each.
+
+    Usage with :func:`run_jobs` (``keys`` are the caller's indices of the wanted choices, e.g. k)::
+
+        nc = NChoices(n_per_request, on_fallback=lambda why: warn(f"{why}; one request per choice"))
+        jobs = (Job(prompt, n=len(ks), seed=..., tag=(pid, ks)) for ks in nc.chunks(range(n)))
+        def on_result(job, res):               # res may be the FatalError of a rejected n
+            got, missing = nc.take(job, res, ks)   # choices for ks[:len(got)]; ask `missing` again
+        await run_jobs(teacher, jobs, params, on_result, fatal_handler=nc.fatal_handler)
+    """
+
+    def __init__(self, n_per_request: int, on_fallback: Callable[[str], None] | None = None):
+        if n_per_request < 1:
+            raise ValueError("n_per_request must be >= 1")
+        self.n_per_request = int(n_per_request)
+        self.on_fallback = on_fallback
+        self.fallback: str | None = None  # why the fallback happened (None: it did not)
+
+    def chunks(self, keys: Iterable[Any]) -> Iterable[list[Any]]:
+        """``keys`` in runs of at most ``n_per_request`` (read lazily: a fallback applies at once)."""
+        keys = list(keys)
+        i = 0
+        while i < len(keys):
+            chunk = keys[i:i + max(1, self.n_per_request)]
+            i += len(chunk)
+            yield chunk
+
+    def fatal_handler(self, job: Job, err: FatalError) -> bool:
+        """For run_jobs: hand a rejected ``n > 1`` to on_result (to fall back) instead of stopping."""
+        return bool(getattr(err, "n_rejected", False)) and job.n > 1
+
+    def take(self, job: Job, res: Any, keys: list[Any]) -> tuple[list[Choice], list[Any]]:
+        """(the choices received, in index order, at most one per key; the keys still missing).
+
+        ``res`` is a :class:`Response` or the :class:`FatalError` of a rejected ``n``; a
+        :class:`RequestFailed` is the caller's to handle.
+        """
+        if isinstance(res, FatalError):
+            self.fall_back(f"the server rejected n={job.n} ({res})")
+            return [], list(keys)
+        choices = sorted(res.choices, key=lambda c: c.index)[: len(keys)]
+        missing = list(keys[len(choices):])
+        if missing:
+            self.fall_back(f"the server returned {len(choices)} of {job.n} choices")
+        return choices, missing
+
+    def fall_back(self, why: str) -> None:
+        if self.n_per_request > 1:
+            self.n_per_request = 1
+            self.fallback = why
+            if self.on_fallback is not None:
+                self.on_fallback(why)
 
 
 def complete_many(base_url: str, model: str, prompts: list[Any], params: SamplingParams, n: int = 1,

@@ -23,8 +23,9 @@ returns a deterministic pseudo-rationale that depends on the prompt, seed, tempe
 index (so equal seeds give equal text, as with a real seeded server) and ends in ``\\boxed{}``.
 
 Faults (module functions returning :class:`Fault`):
-``http_error(status, retry_after=None, message=None, code=None)`` an error response (optional
-``Retry-After`` header); ``hang(seconds)`` read the request and answer nothing for ``seconds``
+``http_error(status, retry_after=None, message=None, code=None, fastapi=False)`` an error
+response (optional ``Retry-After`` header; ``fastapi=True``: a FastAPI-style ``{"detail": message}``
+body, as ``transformers serve`` sends); ``hang(seconds)`` read the request and answer nothing for ``seconds``
 (the client times out); ``drop()`` close the connection without a response; ``malformed()`` a
 200 whose body is truncated JSON; ``empty_choices()`` a 200 with ``"choices": []``;
 ``delay(seconds)`` answer normally after an extra delay. Queue faults with :meth:`inject`
@@ -36,7 +37,10 @@ decide per request. Every request is recorded in ``srv.requests``; outcomes are 
 Other knobs: ``latency`` (seconds, or a callable ``req -> seconds``) before each answer;
 ``api_key`` (requests without ``Authorization: Bearer <key>`` get a 401); ``models`` (other
 model names get a 404 ``model_not_found``); ``n_mode`` ``"ok"`` (honour ``n``), ``"reject"`` (400
-for n > 1, like servers without ``n`` support) or ``"ignore"`` (always one choice).
+for n > 1, like servers without ``n`` support) or ``"ignore"`` (always one choice, like
+``transformers serve``); ``die_after`` (after that many successful completions the server dies
+as a crashed process would: its port refuses connections and open ones are cut; ``srv.dead``
+is then set).
 
 For a benchmark, run it in its own process so it does not share the client's CPU::
 
@@ -82,12 +86,14 @@ class Fault:
     message: str | None = None
     code: str | None = None
     seconds: float = 0.0
+    fastapi: bool = False
 
 
 def http_error(status: int, retry_after: float | None = None, message: str | None = None,
-               code: str | None = None) -> Fault:
-    """An error response with an OpenAI-style ``{"error": {...}}`` body (and ``Retry-After``)."""
-    return Fault("status", status=status, retry_after=retry_after, message=message, code=code)
+               code: str | None = None, fastapi: bool = False) -> Fault:
+    """An error response with an OpenAI-style ``{"error": {...}}`` body (and ``Retry-After``), or
+    with ``fastapi=True`` a FastAPI-style ``{"detail": message}`` body."""
+    return Fault("status", status=status, retry_after=retry_after, message=message, code=code, fastapi=fastapi)
 
 
 def hang(seconds: float = 30.0) -> Fault:
@@ -184,7 +190,7 @@ class FakeOpenAI:
     def __init__(self, responder: Responder | None = None, *, latency: float | Callable[[Request], float] = 0.0,
                  api_key: str | None = None, models: list[str] | None = None, n_mode: str = "ok",
                  fault_fn: Callable[[Request], Fault | None] | None = None, host: str = "127.0.0.1",
-                 port: int = 0, record: bool = True):
+                 port: int = 0, record: bool = True, die_after: int | None = None):
         if n_mode not in ("ok", "reject", "ignore"):
             raise ValueError(f"n_mode must be ok|reject|ignore, not {n_mode!r}")
         self.responder = responder or default_responder
@@ -195,6 +201,8 @@ class FakeOpenAI:
         self.fault_fn = fault_fn
         self.host, self.port = host, port
         self.record = record
+        self.die_after = die_after
+        self.dead = threading.Event()
         self.requests: list[Request] = []
         self.stats: Counter = Counter()
         self._faults: list[list] = []  # [fault, match, times_left]
@@ -421,6 +429,11 @@ class FakeOpenAI:
                 hdrs = {}
                 if fault.retry_after is not None:
                     hdrs["retry-after"] = f"{fault.retry_after:g}"
+                if fault.fastapi:
+                    self._send(writer, fault.status, {"detail": fault.message or f"injected {fault.status}"},
+                               headers=hdrs)
+                    await writer.drain()
+                    return True
                 self._send(writer, fault.status, self._error_body(
                     fault.message or f"injected {fault.status}",
                     type_="rate_limit_error" if fault.status == 429 else "server_error"
@@ -440,10 +453,17 @@ class FakeOpenAI:
             r = self.responder(req, i)
             text, finish = (r, "stop") if isinstance(r, str) else r
             outs.append((text, finish))
+        if self.dead.is_set():  # answered after the death was decided: cut, as a crash would
+            writer.transport.abort()
+            return False
         self.stats["ok"] += 1
         self.stats["choices"] += n
         self._send(writer, 200, self._completion(req, outs))
         await writer.drain()
+        if self.die_after is not None and self.stats["ok"] >= self.die_after and not self.dead.is_set():
+            self.dead.set()
+            asyncio.get_running_loop().create_task(self._shutdown())
+            return False
         return True
 
     def _completion(self, req: Request, outs: list[tuple[str, str]]) -> dict:

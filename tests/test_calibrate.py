@@ -261,7 +261,7 @@ def test_teacher_and_student_passes_and_gradient_flow(pipe, tmp_path):
 def test_bad_nat_dir_and_base_model_are_one_line_errors(pipe, tmp_path):
     from negkd.tiny import build_tiny_model
 
-    other = build_tiny_model(tmp_path / "other", hidden=64, intermediate=128)
+    other = build_tiny_model(tmp_path / "other", hidden=64, heads=2, intermediate=128)
     cases = [
         (["--nat", str(tmp_path / "missing")], "no such directory"),
         (["--nat", str(pipe["pos"])], "is a file"),

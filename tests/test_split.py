@@ -48,7 +48,7 @@ def test_split_writes_graded_positives_and_negatives(runner, tmp_path):
     assert byk[("p1", 0)]["question"] == "Question p1?" and byk[("p1", 0)]["subject"] == "algebra"
 
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["total"] == {"rationales": 9, "positive": 5, "negative": 4, "unparseable": 1,
+    assert stats["total"] == {"rationales": 9, "positive": 5, "negative": 4, "unparseable": 1, "empty": 0,
                               "share_positive": round(5 / 9, 4), "problems": 3,
                               "problems_no_positive": 0, "problems_all_positive": 0}
     assert stats["by_subject"]["geometry"]["positive"] == 1

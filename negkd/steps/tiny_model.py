@@ -15,7 +15,10 @@ def command(
              "Default: a small built-in corpus.")] = None,
     hidden: Annotated[int, typer.Option(help="Hidden size.")] = 96,
     layers: Annotated[int, typer.Option(help="Number of transformer layers.")] = 2,
-    heads: Annotated[int, typer.Option(help="Attention heads (hidden must be divisible by it).")] = 4,
+    heads: Annotated[int, typer.Option(help="Attention heads (hidden must be divisible by it). The default head "
+                                            "size 96/3 = 32 is one vLLM's CPU and GPU kernels support.")] = 3,
+    max_positions: Annotated[int, typer.Option(help="Context length (positions); 2048 fits the `math` few-shot "
+                                                    "prompt of `negkd sample --backend hf`.")] = 2048,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (BPE, digits split).")] = 384,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Rebuild even if DIR already holds this model.")] = False,
@@ -32,7 +35,8 @@ def command(
 
     if hidden % heads:
         raise UserError(f"--hidden {hidden} is not divisible by --heads {heads}")
-    args = dict(hidden=hidden, layers=layers, heads=heads, vocab_size=vocab_size, seed=seed)
+    args = dict(hidden=hidden, layers=layers, heads=heads, vocab_size=vocab_size, max_positions=max_positions,
+                seed=seed)
     run = RunDir(output, "tiny-model", args, inputs=[corpus] if corpus else [], overwrite=overwrite)
     if run.up_to_date():
         return
@@ -48,12 +52,19 @@ def command(
 
     # model files live directly in DIR (so it loads with from_pretrained(DIR)); the manifest,
     # written last, marks the build complete.
-    build_tiny_model(output, texts, hidden=hidden, intermediate=hidden * 8 // 3, layers=layers, heads=heads, vocab_size=vocab_size, seed=seed)
+    build_tiny_model(output, texts, hidden=hidden, intermediate=hidden * 8 // 3, layers=layers, heads=heads,
+                     vocab_size=vocab_size, max_positions=max_positions, seed=seed)
     from transformers import AutoConfig
 
     n_params = _count_params(AutoConfig.from_pretrained(output))
     run.finish(parameters=n_params)
     log(f"wrote tiny model ({n_params:,} parameters) to {output}")
+    if hidden // heads not in VLLM_HEAD_SIZES:
+        log(f"note: head size {hidden // heads} is not one vLLM supports ({', '.join(map(str, VLLM_HEAD_SIZES))}); "
+            "this model will not serve on vLLM")
+
+
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM 0.32 CPU attention
 
 
 def _count_params(cfg) -> int:
