@@ -13,6 +13,13 @@ Every adapted linear ``W0`` (in -> out) becomes a ``NATLinear``. For layer input
     g_pos = 1 - g_neg                                 # in [1-beta, 1+beta]
     y     = h0 + g_pos v_pos + g_neg v_neg
 
+Computed in a memory-lean form of the same function (``NATLinear._unit``): W_1, W_K are linear
+and g_i is a per-token scalar, so with ``z_i = A_i dropout(x)`` (rank r) ``u_i = W_1 h0 + s_i
+(W_1 B_i) z_i``, ``k_i = W_K h0 + s_i (W_K B_i) z_i`` and ``y = h0 + W_2 [g_pos gelu(u_pos) + g_neg
+gelu(u_neg)]``: one W_2 pass, and nothing output-wide besides h0 and y. Backward keeps x and h0
+in their own dtype and the bool dropout mask (a float32 ``nn.Linear`` base with enough tokens
+rebuilds W_1/W_K's gradient through W0 instead of keeping h0; ``_OutProj``).
+
 ``s = alpha / r`` per branch. ``B_pos`` and ``W_2`` start at zero, so a fresh unit is a no-op
 (``y = h0``). No biases in the unit (the equations have none). The adapter computes in the
 adapter's dtype (float32) and returns the base layer's dtype; softmax is float32.
