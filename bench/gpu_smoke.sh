@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU smoke test of the training core: train-neg and train-pos (NAT) for a few steps in bf16 on
 # CUDA, then both again with --load-in-4bit (QLoRA), on a small locally built LLaMA. Prints
-# tokens/s, peak GPU memory and the final loss of each run. Exits 0 with a message where there
-# is no CUDA GPU.
+# tokens/s, peak GPU memory and the final loss of each run; then the whole-model rows of
+# bench/train.py at a 1B shape (hidden 2048, bf16): CoT-KD (LoRA SFT) vs NAT (train-pos) vs NCE
+# (calibrate) step time and peak GPU memory, each in its own process. Exits 0 with a message
+# where there is no CUDA GPU.
 #
 #   bash bench/gpu_smoke.sh            # uses .venv/bin/python if present, else python3
 #   PYTHON=python STEPS=20 bash bench/gpu_smoke.sh
@@ -10,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 STEPS=${STEPS:-10}
+WM_LAYERS=${WM_LAYERS:-4}   # whole-model rows: decoder layers at hidden 2048
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_smoke: no CUDA GPU visible to $PY; skipping (nothing to test here)"
@@ -99,4 +102,8 @@ PYEOF
 else
     echo "gpu_smoke: FSDP check needs 2 GPUs ($NGPU visible); skipped"
 fi
+
+echo "+ bench/train.py --whole-model (1B shape, bf16, CUDA)"
+"$PY" bench/train.py --whole-model --device cuda --dtype bfloat16 --wm-layers "$WM_LAYERS" --wm-vocab 32000 \
+    --wm-batch 4 --wm-seq 1024 --wm-steps 5
 echo "gpu_smoke: ok"

@@ -20,6 +20,30 @@ Targets (issue 4): negkd >= 3x the reference's tokens/s, < 10% padding.
 negkd against TRL's SFTTrainer + PEFT (fed negkd's exact batches, with a loss-parity check) and
 negkd with vs without --max-batch-tokens, at 512 real rationales and a hidden-512 LLaMA, each row
 in its own process for an honest peak RSS: ``bench/train_peer.py`` (needs ``pip install -e '.[bench]'``).
+
+Whole model at a 1B shape (issue 15), ``--whole-model``: a random LLaMA with hidden 2048
+(32 heads, MLP 5440; ``--wm-layers`` layers, vocab ``--wm-vocab``), LoRA / NAT on q_proj, v_proj
+(r 8, NAT d_g 128), one optimizer step per batch of random token ids (a quarter of each row
+is prompt, masked) for three variants, each in its own fresh subprocess so that its peak RSS
+(VmHWM) is its own:
+
+- ``cot-kd``: a plain LoRA SFT step (``lm_loss``): what CoT-KD and every LoRA fine-tune run;
+- ``nat``:    a ``train-pos`` step: the NAT unit (fresh Pos-LoRA + gate, frozen random Neg-LoRA),
+              gate statistics on, ``lm_loss``;
+- ``nce``:    a ``calibrate`` step: student LoRA + the NAT checkpoint on ONE base, two no-grad
+              teacher passes (NAT, Neg-LoRA only) and the student pass (``NCEObjective``).
+
+    python bench/train.py --whole-model                       # 2 layers, batch 2 x 256, CPU fp32
+    python bench/train.py --whole-model --device cuda --dtype bfloat16 --wm-layers 4   # bench/gpu_smoke.sh
+
+Targets (issue 15): NAT step <= 1.25x CoT-KD; NCE step <= 1.5x the SFT (CoT-KD) step at <= 1.1x
+its peak memory (RSS on CPU; on CUDA peak allocated GPU memory). Peak RSS is reset after the
+model is loaded (``/proc/self/clear_refs``), so it is the step's peak with the weights resident.
+
+Measured (2-core shared CPU, 1 thread, 2 layers, vocab 8000, batch 2 x 256, 3 steps): CoT-KD
+2.65 s / 1278 MB, NAT 1.15x / 0.96x, NCE 2.01x / 1.04x. NCE's two no-grad teacher passes take
+2.70 s, as long as the student's whole step (2.62 s): one forward costs about half a LoRA step,
+so two teacher forwards cannot fit in 0.5x of one.
 """
 
 from __future__ import annotations
@@ -49,7 +73,24 @@ def main() -> None:
     ap.add_argument("--overhead-only", action="store_true", help="only the paired NAT/LoRA timing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--whole-model", action="store_true", help="only the 1B-shaped whole-model row (see above)")
+    ap.add_argument("--wm-layers", type=int, default=2, help="whole model: decoder layers (hidden 2048)")
+    ap.add_argument("--wm-vocab", type=int, default=8000, help="whole model: vocabulary size")
+    ap.add_argument("--wm-batch", type=int, default=2, help="whole model: rows per batch")
+    ap.add_argument("--wm-seq", type=int, default=256, help="whole model: tokens per row")
+    ap.add_argument("--wm-steps", type=int, default=3, help="whole model: measured steps per variant")
+    ap.add_argument("--wm-rounds", type=int, default=1, help="whole model: rounds of the three variants (interleaved)")
+    ap.add_argument("--device", default="cpu", help="whole model: cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="whole model: float32 or bfloat16")
+    ap.add_argument("--wm-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--wm-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.wm_worker:
+        print(json.dumps(wm_worker(args)))
+        return
+    if args.whole_model:
+        whole_model(args)
+        return
 
     import torch
 
@@ -185,6 +226,165 @@ def nat_overhead(lora, natm, exs, collate, args) -> dict:
         tn.append(s_nat(b))
     return {"batches": len(batches), "lora_s": sum(tl), "nat_s": sum(tn), "total": sum(tn) / sum(tl) - 1,
             "median": statistics.median(n / l_ for n, l_ in zip(tn, tl)) - 1}
+
+
+# ---------------------------------------------------------------- whole model, 1B shape (issue 15)
+
+WM_VARIANTS = ("cot-kd", "nat", "nce")
+WM_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def wm_worker(a) -> dict:
+    """One variant's steps in this (fresh) process: median step seconds and the peak memory."""
+    import statistics
+
+    import torch
+
+    rss_import = _status_kb("VmRSS")
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(REPO / "bench"))
+    from calibrate import batches  # noqa: E402  (bench/calibrate.py: random ids, prompt quarter masked)
+
+    from negkd import lora, nat
+    from negkd.modeling import load_model
+    from negkd.steps.calibrate import NCEObjective, build_student
+    from negkd.training import lm_loss
+
+    base, nat_dir = a.wm_dir / "base", a.wm_dir / "nat"
+    cuda = a.device.startswith("cuda")
+    torch.manual_seed(0)
+    model = load_model(str(base), device=a.device, dtype=a.dtype)
+    with torch.no_grad():  # out of the safetensors memory map: each process counts its weights once
+        for prm in model.parameters():
+            prm.data = prm.data.clone()
+    la = WM_LORA
+    gates = False
+    if a.wm_worker == "cot-kd":
+        student, loss_fn = lora.attach_lora(model, la["r"], la["alpha"], la["dropout"], la["target_modules"]), lm_loss
+    elif a.wm_worker == "nat":
+        nat.attach_new(model, a.wm_dir / "nat-neg", gate_dim=128)
+        nat.track_gates(model, True)  # as train-pos runs it
+        student, loss_fn, gates = model, lm_loss, True
+    else:
+        student = build_student(model, nat_dir, la)
+        loss_fn = NCEObjective(student)
+        teacher = loss_fn.teacher
+
+        def timed_teacher(*args, **kw):  # where NCE's step goes: the two no-grad teacher passes
+            t = time.perf_counter()
+            try:
+                return teacher(*args, **kw)
+            finally:
+                teacher_s.append(time.perf_counter() - t)
+
+        loss_fn.teacher = timed_teacher
+    teacher_s: list[float] = []
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    data = batches(model.config.vocab_size, a.wm_batch, a.wm_seq, 1 + a.wm_steps)
+    if cuda:
+        data = [{k: v.to(a.device) for k, v in b.items()} for b in data]
+        torch.cuda.reset_peak_memory_stats()
+    import gc
+
+    gc.collect()
+    rss_setup = _status_kb("VmRSS")
+    try:  # restart the peak here: loading (file map + in-memory copy) must not set it
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    times = []
+    for i, b in enumerate(data):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with nat.gate_mask(student, b["attention_mask"]) if gates else _null():
+            loss, _ = loss_fn(student, b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if gates:
+            nat.gate_means(student)
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    return {"variant": a.wm_worker, "step_s": statistics.median(times), "step_times": times,
+            "peak_rss_mb": _status_kb("VmHWM") / 1024, "rss_import_mb": rss_import / 1024,
+            "rss_setup_mb": rss_setup / 1024, "rss_file_mb": _status_kb("RssFile") / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None,
+            "params": sum(p.numel() for p in model.parameters()), "loss": float(loss),
+            "teacher_s": statistics.median(teacher_s[1:]) if len(teacher_s) > 1 else None}
+
+
+def whole_model(a) -> None:
+    import os
+    import shutil
+    import statistics
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from calibrate import build_model, build_nat  # noqa: E402
+
+    work = Path(tempfile.mkdtemp(prefix="negkd-bench-wm-"))
+    try:
+        t0 = time.perf_counter()
+        build_model(work / "base", 2048, a.wm_layers, a.wm_vocab)
+        build_nat(work / "base", work / "nat")  # random non-zero Neg-LoRA, Pos-LoRA, unit; also work/nat-neg
+        print(f"[whole model] built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+        runs: dict[str, list[dict]] = {v: [] for v in WM_VARIANTS}
+        for _ in range(a.wm_rounds):
+            for v in WM_VARIANTS:
+                cmd = [sys.executable, __file__, "--wm-worker", v, "--wm-dir", str(work), "--wm-batch", str(a.wm_batch),
+                       "--wm-seq", str(a.wm_seq), "--wm-steps", str(a.wm_steps), "--threads", str(a.threads),
+                       "--device", a.device, "--dtype", a.dtype]
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if p.returncode != 0:
+                    sys.exit(f"whole-model worker {v} failed:\n{p.stderr[-3000:]}")
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                runs[v].append(r)
+                print(f"[whole model] {v:7s} step {r['step_s']:.2f}s peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = lambda v, k: statistics.median(r[k] for r in runs[v])  # noqa: E731
+    cuda = a.device.startswith("cuda")
+    mem_key = "peak_gpu_mb" if cuda else "peak_rss_mb"
+    mem_name = "peak GPU MB" if cuda else "peak RSS MB"
+    t_ref, m_ref = med("cot-kd", "step_s"), med("cot-kd", mem_key)
+    d_ref = m_ref - (0 if cuda else med("cot-kd", "rss_import_mb"))
+    print(f"\nwhole model, 1B shape: random LLaMA hidden 2048, {a.wm_layers} layers, vocab {a.wm_vocab} "
+          f"({runs['cot-kd'][0]['params'] / 1e6:.0f}M params), {a.device} {a.dtype}, batch {a.wm_batch} x {a.wm_seq} "
+          f"tokens, {a.threads} thread(s), median of {a.wm_steps} steps x {a.wm_rounds} round(s), each variant in its "
+          f"own process")
+    print(f"{'variant':8s} {'step s':>7s} {'x CoT-KD':>8s} {mem_name:>12s} {'x CoT-KD':>8s}"
+          + ("" if cuda else f" {'above import':>12s} {'x CoT-KD':>8s}"))
+    out = {}
+    for v in WM_VARIANTS:
+        t, m = med(v, "step_s"), med(v, mem_key)
+        row = f"{v:8s} {t:7.2f} {t / t_ref:8.2f} {m:12.0f} {m / m_ref:8.2f}"
+        if not cuda:
+            d = m - med(v, "rss_import_mb")
+            row += f" {d:12.0f} {d / d_ref:8.2f}"
+        print(row)
+        out[v] = {"step_s": t, "mem_mb": m, "x_step": t / t_ref, "x_mem": m / m_ref}
+    tt = med("nce", "teacher_s")
+    print(f"NCE step = teacher passes (NAT + Neg-LoRA only, no grad) {tt:.2f}s + student step "
+          f"{med('nce', 'step_s') - tt:.2f}s")
+    ok = lambda c: "met" if c else "MISSED"  # noqa: E731
+    print(f"targets: NAT step <= 1.25x CoT-KD {ok(out['nat']['x_step'] <= 1.25)}; NCE step <= 1.5x SFT "
+          f"{ok(out['nce']['x_step'] <= 1.5)}; NCE memory <= 1.1x SFT {ok(out['nce']['x_mem'] <= 1.1)}")
+    if a.json:
+        a.json.write_text(json.dumps({"whole_model": out, "runs": runs}, indent=1) + "\n")
 
 
 class _null:

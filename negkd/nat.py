@@ -13,6 +13,13 @@ Every adapted linear ``W0`` (in -> out) becomes a ``NATLinear``. For layer input
     g_pos = 1 - g_neg                                 # in [1-beta, 1+beta]
     y     = h0 + g_pos v_pos + g_neg v_neg
 
+Computed in a memory-lean form of the same function (``NATLinear._unit``): W_1, W_K are linear
+and g_i is a per-token scalar, so with ``z_i = A_i dropout(x)`` (rank r) ``u_i = W_1 h0 + s_i
+(W_1 B_i) z_i``, ``k_i = W_K h0 + s_i (W_K B_i) z_i`` and ``y = h0 + W_2 [g_pos gelu(u_pos) + g_neg
+gelu(u_neg)]``: one W_2 pass, and nothing output-wide besides h0 and y. Backward keeps x and h0
+in their own dtype and the bool dropout mask (a float32 ``nn.Linear`` base with enough tokens
+rebuilds W_1/W_K's gradient through W0 instead of keeping h0; ``_OutProj``).
+
 ``s = alpha / r`` per branch. ``B_pos`` and ``W_2`` start at zero, so a fresh unit is a no-op
 (``y = h0``). No biases in the unit (the equations have none). The adapter computes in the
 adapter's dtype (float32) and returns the base layer's dtype; softmax is float32.
@@ -75,6 +82,7 @@ FORMAT = "negkd-nat"
 POS_PARAMS = ("lora_A_pos", "lora_B_pos")
 GATE_PARAMS = ("lora_gate_q", "lora_gate_k", "lora_gate_w1", "lora_gate_w2")
 NEG_PARAMS = ("lora_A_neg", "lora_B_neg")
+LEAN_MIN_TOKENS = 2  # tokens per gate row from which h0 is not saved for backward (NATLinear._h0_source)
 
 
 @dataclass
@@ -152,26 +160,68 @@ class NATLinear(nn.Module):
         if self.mode == "off":
             return h0
         dt = self.lora_A_pos.weight.dtype
-        xf, h0f = x.to(dt), h0.to(dt)  # (..., in), (..., out)
-        xd = self.lora_dropout(xf)
-        h_neg = h0f + self.neg_scale * self.lora_B_neg(self.lora_A_neg(xd))
-        if self.mode == "neg-only":
-            return h_neg.to(h0.dtype)
-        h_pos = h0f + self.pos_scale * self.lora_B_pos(self.lora_A_pos(xd))
-        if self.mode == "pos-only":
-            v_pos = self.lora_gate_w2(F.gelu(self.lora_gate_w1(h_pos)))
-            return (h0f + v_pos).to(h0.dtype)
-        h = torch.stack((h_pos, h_neg))  # (2, ..., out): both branches through the shared unit at once
-        v = self.lora_gate_w2(F.gelu(self.lora_gate_w1(h)))  # (2, ..., out)
-        k = self.lora_gate_k(h)  # (2, ..., d_g)
-        q = self.lora_gate_q(xf)  # (..., d_g)
-        scores = (k * q.unsqueeze(0)).sum(-1).float() / self.temperature  # (2, ...)
-        a_neg = torch.softmax(scores, dim=0)[1]  # (...)
-        g_neg = (2 * self.beta * a_neg - self.beta).to(dt).unsqueeze(-1)  # (..., 1) in [-beta, beta]
-        y = h0f + (1 - g_neg) * v[0] + g_neg * v[1]
-        if self.track_gates and self._gate_on:  # a backward recompute runs outside the context: not counted twice
-            self._record(g_neg.detach().squeeze(-1))
-        return y.to(h0.dtype)
+        if self.mode == "neg-only":  # h_neg written out: the Neg-LoRA's own computation, bit for bit
+            xd = self.lora_dropout(x.to(dt))
+            return (h0.to(dt) + self.neg_scale * self.lora_B_neg(self.lora_A_neg(xd))).to(h0.dtype)
+        return self._unit(x, h0, dt).to(h0.dtype)
+
+    def _unit(self, x: torch.Tensor, h0: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """Modes "nat" and "pos-only" in the memory-lean form (module doc): h_pos, h_neg, v_pos, v_neg
+        are never formed. W_1, W_K are linear, so with z_i = A_i dropout(x) (rank r)::
+
+            u_i = W_1 h_i = W_1 h0 + s_i (W_1 B_i) z_i          # (..., d_g)
+            k_i = W_K h_i = W_K h0 + s_i (W_K B_i) z_i          # (..., d_g)
+            y   = h0 + W_2 [g_pos gelu(u_pos) + g_neg gelu(u_neg)]   # one W_2 pass
+
+        Only h0 and y are output-wide. Saved for backward: x and h0 in their own dtype, the dropout
+        mask (bool), and d_g- or r-wide tensors (_InProj, _OutProj)."""
+        nat_mode = self.mode == "nat"
+        Ap, Bp, W1 = self.lora_A_pos.weight, self.lora_B_pos.weight, self.lora_gate_w1.weight
+        dg, rp = W1.shape[0], Ap.shape[0]
+        p = self._dropout_p()
+        mask = self._dropout_mask(x, p) if p > 0 else None  # one mask, shared by both branches
+        if nat_mode:
+            An, Bn, WK = self.lora_A_neg.weight, self.lora_B_neg.weight, self.lora_gate_k.weight
+            qz = _InProj.apply(x, mask, p, 1, self.lora_gate_q.weight, Ap, An)  # (..., d_g + r_pos + r_neg)
+            q, z_p, z_n = qz.split([dg, rp, An.shape[0]], -1)
+            uk0 = _OutProj.apply(h0, *self._h0_source(x, h0), W1, WK)  # (..., 2 d_g): [W_1 h0, W_K h0]
+            uk_p = uk0 + F.linear(z_p, self.pos_scale * torch.cat((W1 @ Bp, WK @ Bp)))  # (..., 2 d_g)
+            uk_n = uk0 + F.linear(z_n, self.neg_scale * torch.cat((W1 @ Bn, WK @ Bn)))
+            u_p, k_p = uk_p.split(dg, -1)
+            u_n, k_n = uk_n.split(dg, -1)
+            scores = torch.stack(((k_p * q).sum(-1), (k_n * q).sum(-1))).float() / self.temperature  # (2, ...)
+            a_neg = torch.softmax(scores, dim=0)[1]  # (...)
+            g_neg = (2 * self.beta * a_neg - self.beta).to(dt).unsqueeze(-1)  # (..., 1) in [-beta, beta]
+            mix = (1 - g_neg) * F.gelu(u_p) + g_neg * F.gelu(u_n)  # (..., d_g): g_pos gelu(u_pos) + g_neg gelu(u_neg)
+            if self.track_gates and self._gate_on:  # a backward recompute runs outside the context: not counted twice
+                self._record(g_neg.detach().squeeze(-1))
+        else:  # pos-only: g_neg = 0, g_pos = 1
+            z_p = _InProj.apply(x, mask, p, 0, Ap)  # (..., r_pos)
+            u_p = _OutProj.apply(h0, *self._h0_source(x, h0), W1) + F.linear(z_p, self.pos_scale * (W1 @ Bp))  # (..., d_g)
+            mix = F.gelu(u_p)
+        return h0.to(dt) + self.lora_gate_w2(mix)  # (..., out)
+
+    def _h0_source(self, x: torch.Tensor, h0: torch.Tensor) -> tuple:
+        """(x, W0, bias) when W_1/W_K's gradient should be rebuilt from x through W0 rather than from
+        a saved h0 (see _OutProj), else (None, None, None). Rebuilt for a float32 ``nn.Linear`` base
+        (h0 would cost 4 bytes per output element) when the step has at least ``LEAN_MIN_TOKENS``
+        tokens per gate row: the extra pass costs 2 d_g / tokens of the base layer's own matmul.
+        Saved otherwise: half-precision h0 costs 2 bytes per element, and quantized bases keep
+        their weights packed."""
+        base = self.base_layer
+        if (type(base) is nn.Linear and h0.dtype == torch.float32 and torch.is_grad_enabled()
+                and x.numel() // x.shape[-1] >= LEAN_MIN_TOKENS * 2 * self.lora_gate_w1.out_features):
+            return x, base.weight, base.bias
+        return None, None, None
+
+    def _dropout_p(self) -> float:
+        d = self.lora_dropout
+        return float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
+
+    @staticmethod
+    def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+        """Keep-mask of nn.Dropout(p), (..., in) bool; dropout(x) = x * mask / (1 - p)."""
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
 
     def _record(self, g: torch.Tensor) -> None:  # g: (B, T) or (...)
         m = self._gate_mask
@@ -182,6 +232,101 @@ class NATLinear(nn.Module):
             s, n = g.sum().double(), torch.tensor(float(g.numel()), device=g.device, dtype=torch.float64)
         self._g_sum = s if self._g_sum is None else self._g_sum + s
         self._g_n = n if self._g_n is None else self._g_n + n
+
+
+class _InProj(torch.autograd.Function):
+    """``[x W_j^T for the first n_plain weights, dropout(x) W_j^T for the rest]`` concatenated on the
+    last axis: (..., in) -> (..., sum of the weights' rows), computed in the weights' dtype.
+
+    dropout(x) = x * mask / (1 - p) (mask None: no dropout). Saves ``x`` in its own dtype and the
+    bool mask, never a float32 copy of x or the dropped-out x: both are rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx, x, mask, p, n_plain, *ws):
+        dt = ws[0].dtype
+        xf = x.to(dt)  # (..., in)
+        if mask is None:
+            out = F.linear(xf, torch.cat(ws) if len(ws) > 1 else ws[0])
+        else:
+            xd = xf * mask * (1.0 / (1.0 - p))
+            parts = ([F.linear(xf, torch.cat(ws[:n_plain]))] if n_plain else []) + [F.linear(xd, torch.cat(ws[n_plain:]))]
+            out = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+        ctx.save_for_backward(x, mask, *ws)
+        ctx.p, ctx.n_plain = p, n_plain
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mask, *ws = ctx.saved_tensors
+        scale, n_plain = 1.0 / (1.0 - ctx.p), ctx.n_plain
+        if mask is None:
+            n_plain = len(ws)  # no dropout: every weight sees x itself
+        xf = x.to(ws[0].dtype).reshape(-1, x.shape[-1])  # (N, in)
+        g2 = g.reshape(-1, g.shape[-1])  # (N, rows)
+        rows = [w.shape[0] for w in ws]
+        n_rows = sum(rows[:n_plain])
+        dws, start = [], 0
+        xd = None
+        for i, (w, r) in enumerate(zip(ws, rows)):
+            if not ctx.needs_input_grad[4 + i]:
+                dws.append(None)
+            else:
+                src = xf
+                if i >= n_plain:
+                    xd = xf * mask.reshape(-1, x.shape[-1]) * scale if xd is None else xd
+                    src = xd
+                dws.append(g2[:, start:start + r].t() @ src)  # (r, in)
+            start += r
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if n_plain:
+                dx = g2[:, :n_rows] @ torch.cat(ws[:n_plain])  # (N, in)
+            if n_plain < len(ws):
+                dd = g2[:, n_rows:] @ torch.cat(ws[n_plain:]) * mask.reshape(-1, x.shape[-1]) * scale
+                dx = dd if dx is None else dx + dd
+            dx = dx.reshape(x.shape).to(x.dtype)
+        return (dx, None, None, None, *dws)
+
+
+class _OutProj(torch.autograd.Function):
+    """``h0 [W_1; W_K]^T``: (..., out) -> (..., sum of the weights' rows) in the weights' dtype.
+
+    The weights' gradient is ``g^T h0``. Saved for it, either ``h0`` in its own dtype (the base's:
+    bfloat16 under a bfloat16 base, never a float32 copy), or — when ``x`` and the base weight
+    ``w0`` (out, in) are given — nothing output-wide: h0 = x w0^T + b, so
+    ``g^T h0 = (g^T x) w0^T + (sum_t g) b^T``, one pass of w0 over the weights' rows (x is saved by
+    _InProj anyway)."""
+
+    @staticmethod
+    def forward(ctx, h0, x, w0, b, *ws):
+        if x is None:
+            ctx.save_for_backward(h0, None, None, None, *ws)
+        else:
+            ctx.save_for_backward(None, x, w0, b, *ws)
+        ctx.h0_dtype = h0.dtype
+        return F.linear(h0.to(ws[0].dtype), torch.cat(ws) if len(ws) > 1 else ws[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        h0, x, w0, b, *ws = ctx.saved_tensors
+        dt = ws[0].dtype
+        g2 = g.reshape(-1, g.shape[-1])  # (N, rows)
+        if any(ctx.needs_input_grad[4:]):
+            if x is None:
+                dw = g2.t() @ h0.to(dt).reshape(-1, h0.shape[-1])  # (rows, out)
+            else:
+                dw = F.linear(g2.t() @ x.to(dt).reshape(-1, x.shape[-1]), w0.to(dt))  # (rows, in) @ w0^T -> (rows, out)
+                if b is not None:
+                    dw = dw + g2.sum(0)[:, None] * b.to(dt)[None, :]
+        dws, start = [], 0
+        for i, w in enumerate(ws):
+            r = w.shape[0]
+            dws.append(dw[start:start + r] if ctx.needs_input_grad[4 + i] else None)
+            start += r
+        dh = None
+        if ctx.needs_input_grad[0]:
+            dh = (g @ (torch.cat(ws) if len(ws) > 1 else ws[0])).to(ctx.h0_dtype)
+        return (dh, None, None, None, *dws)
 
 
 def _weight_device(layer: nn.Module) -> torch.device:

@@ -281,3 +281,161 @@ def test_bad_neg_dirs(tmp_path, tiny_model):
         nat.read_neg_adapter(tmp_path / "empty")
     with pytest.raises(ValueError, match="mode"):
         nat.set_mode(_base(tiny_model), "sideways")
+
+
+# ---------------------------------------------------------------- the memory-lean unit vs the plain equation
+
+
+def _plain_unit(L, x, mask, mode):
+    """The unit as method.md §3 writes it (h_pos, h_neg, v_i at the output width), from L's own
+    tensors, with dropout(x) = x * mask / (1 - p): the reference for NATLinear's lean form."""
+    w = {n: getattr(L, n).weight for n in ("lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg", "lora_gate_q",
+                                           "lora_gate_k", "lora_gate_w1", "lora_gate_w2")}
+    h0 = L.base_layer(x)
+    if mode == "off":
+        return h0
+    p = L._dropout_p()
+    xd = x if mask is None else x * mask * (1.0 / (1 - p))
+    h_pos = h0 + L.pos_scale * (xd @ w["lora_A_pos"].T) @ w["lora_B_pos"].T
+    h_neg = h0 + L.neg_scale * (xd @ w["lora_A_neg"].T) @ w["lora_B_neg"].T
+    v_pos = F.gelu(h_pos @ w["lora_gate_w1"].T) @ w["lora_gate_w2"].T
+    if mode == "neg-only":
+        return h_neg
+    if mode == "pos-only":
+        return h0 + v_pos
+    v_neg = F.gelu(h_neg @ w["lora_gate_w1"].T) @ w["lora_gate_w2"].T
+    q = x @ w["lora_gate_q"].T
+    s = torch.stack(((q * (h_pos @ w["lora_gate_k"].T)).sum(-1), (q * (h_neg @ w["lora_gate_k"].T)).sum(-1)))
+    a_neg = torch.softmax(s / L.temperature, 0)[1].unsqueeze(-1)
+    g_neg = 2 * L.beta * a_neg - L.beta
+    return h0 + (1 - g_neg) * v_pos + g_neg * v_neg
+
+
+def _lean_layer(d_in=20, d_out=14, bias=False, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    cfg = nat.NATConfig(targets=["proj"], neg_r=3, neg_alpha=6.0, pos_r=2, pos_alpha=5.0, dropout=dropout,
+                        gate_dim=6, beta=0.4, temperature=1.5)
+    holder = nn.Module()
+    holder.proj = nat.NATLinear(nn.Linear(d_in, d_out, bias=bias), cfg)
+    with torch.no_grad():
+        for p in holder.proj.parameters():  # B_pos and W_2 too: a fresh unit has them zero
+            p.copy_(torch.randn(p.shape) * 0.5)
+    nat.mark_trainable(holder)
+    return holder.train(), holder.proj
+
+
+@pytest.mark.parametrize("mode", nat.MODES)
+@pytest.mark.parametrize("lean", [0, float("inf")], ids=["h0-rebuilt", "h0-saved"])
+@pytest.mark.parametrize("dropout,bias", [(0.0, False), (0.3, True)])
+def test_lean_unit_equals_the_plain_equation(mode, lean, dropout, bias, monkeypatch):
+    """Forward and the gradient of x and of every trainable tensor, non-square (20 -> 14), every
+    mode, both ways of getting W_1/W_K's gradient, with and without dropout (mask captured)."""
+    monkeypatch.setattr(nat, "LEAN_MIN_TOKENS", lean)
+    _, L = _lean_layer(bias=bias, dropout=dropout)
+    L.mode = mode
+    masks = []
+    make = L._dropout_mask
+    monkeypatch.setattr(L, "_dropout_mask", lambda x, p: masks.append(make(x, p)) or masks[-1])
+    x = torch.randn(3, 7, 20, requires_grad=True)
+    torch.manual_seed(5)
+    y = L(x)
+    if mode == "neg-only" and dropout:  # the exact Neg-LoRA path draws its mask inside nn.Dropout: same seed
+        torch.manual_seed(5)
+        masks.append(nn.functional.dropout(torch.ones_like(x), dropout) != 0)
+    trainable = [p for p in L.parameters() if p.requires_grad]
+    R = torch.randn_like(y)
+    grads = torch.autograd.grad((y * R).sum(), [x, *trainable], allow_unused=True)
+    mask = masks[0] if dropout and mode != "off" else None
+    assert (mask is not None) == (dropout > 0 and mode != "off") and (mask is None or not bool(mask.all()))
+    ref = _plain_unit(L, x, mask, mode)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    ref_grads = torch.autograd.grad((ref * R).sum(), [x, *trainable], allow_unused=True)
+    for n, g, r in zip(["x"] + [n for n, p in L.named_parameters() if p.requires_grad], grads, ref_grads):
+        if r is None:
+            assert g is None or float(g.abs().max()) == 0, n
+        else:
+            # float32 rounding relative to the gradient's scale (|dx| reaches ~1e2 with these weights)
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()), msg=n)
+
+
+def _saved(fn):
+    out = []
+
+    def pack(t):
+        out.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return y, out
+
+
+@pytest.mark.parametrize("dtype,lean", [(torch.float32, 0), (torch.bfloat16, 0), (torch.float32, float("inf"))])
+def test_lean_unit_saves_nothing_output_wide_in_float32(dtype, lean, monkeypatch):
+    """What the lean form keeps for backward: x in its own dtype, the bool dropout mask, h0 only
+    in the base's dtype (or not at all for a float32 nn.Linear with enough tokens), the rest
+    d_g- or r-wide; never a float32 copy of an input- or output-wide tensor (the old unit kept 8)."""
+    monkeypatch.setattr(nat, "LEAN_MIN_TOKENS", lean)
+    holder, L = _lean_layer(d_in=40, d_out=48, dropout=0.1)
+    holder.proj.base_layer.to(dtype)
+    x = torch.randn(2, 16, 40, dtype=dtype, requires_grad=True)
+    y, saved = _saved(lambda: L(x))
+    params = {p.untyped_storage().data_ptr() for p in L.parameters()}
+    wide = [t for t in saved if t.untyped_storage().data_ptr() not in params and t.shape[-1] in (40, 48)]
+    kinds = sorted({(t.shape[-1], t.dtype) for t in wide}, key=str)
+    if lean == 0 and dtype == torch.float32:
+        assert kinds == sorted({(40, torch.float32), (40, torch.bool)}, key=str)
+        assert all(t is x or t.dtype == torch.bool for t in wide)
+    else:
+        assert kinds == sorted({(40, dtype), (40, torch.bool), (48, dtype)}, key=str)
+    y.float().sum().backward()
+    assert L.lora_gate_w1.weight.grad is not None and x.grad.dtype == dtype
+
+
+def test_lean_unit_under_gradient_checkpointing_matches_plain_backward():
+    """Non-reentrant checkpointing recomputes the forward (same dropout mask: RNG state restored)."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, L = _lean_layer(dropout=0.3)
+    x = torch.randn(2, 9, 20, requires_grad=True)
+    params = [p for p in L.parameters() if p.requires_grad]
+    torch.manual_seed(7)
+    g1 = torch.autograd.grad(L(x).pow(2).sum(), [x, *params])
+    torch.manual_seed(7)
+    g2 = torch.autograd.grad(checkpoint(L, x, use_reentrant=False).pow(2).sum(), [x, *params])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_lean_unit_on_a_4bit_base_matches_its_dequantized_weight():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False)
+    q = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")
+    try:
+        deq = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    except Exception as e:  # pragma: no cover - a bitsandbytes build without CPU 4-bit support
+        pytest.skip(f"bitsandbytes 4-bit does not run on this CPU: {e}")
+    cfg = nat.NATConfig(targets=["proj"], neg_r=2, pos_r=2, dropout=0.0, gate_dim=8)
+    L = nat.NATLinear(q, cfg)
+    with torch.no_grad():
+        for n, p in L.named_parameters():
+            if n.startswith("lora_"):
+                p.copy_(torch.randn(p.shape) * 0.3)
+    for n, p in L.named_parameters():
+        p.requires_grad_(n.startswith(("lora_A_pos", "lora_B_pos", "lora_gate")))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = L(x)
+    assert nat.NATLinear._h0_source(L, x, y) == (None, None, None)  # quantized: h0 saved, weights stay packed
+    ref_layer = nat.NATLinear(nn.Linear(64, 48, bias=False), cfg)
+    ref_layer.load_state_dict({k: v for k, v in L.state_dict().items() if k.startswith("lora_")}, strict=False)
+    ref_layer.base_layer.weight.data.copy_(deq)
+    ref = _plain_unit(ref_layer, x, None, "nat")
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    R = torch.randn_like(y)
+    g = torch.autograd.grad((y * R).sum(), [x, L.lora_gate_w1.weight, L.lora_A_pos.weight])
+    r = torch.autograd.grad((ref * R).sum(), [x, ref_layer.lora_gate_w1.weight, ref_layer.lora_A_pos.weight])
+    for a, b in zip(g, r):  # bitsandbytes' own backward for dx rounds differently: tolerance on the scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
