@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 
 import pytest
@@ -227,7 +228,7 @@ def test_worker_pool_grades_like_in_process():
     assert judge_many(pairs, workers=2) == want
 
 
-@pytest.mark.skipif(grading._context().get_start_method() != "fork", reason="needs fork to patch the worker")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork to patch the worker")
 def test_a_hung_worker_is_killed_and_its_pair_is_false(monkeypatch):
     real = grading.mv_equivalent
 
@@ -240,10 +241,25 @@ def test_a_hung_worker_is_killed_and_its_pair_is_false(monkeypatch):
     pairs = [("\\frac{1}{4}", "1:4"), ("HANG", "1"), ("5! = 120", "120")] + [("\\frac{1}{4}", "1:4")] * 8
     stats: dict = {}
     t0 = time.monotonic()
-    got = grading._pool(pairs, workers=2, chunk=4, hard_timeout=1.0, stats=stats)
+    got = grading._pool(pairs, workers=2, chunk=4, hard_timeout=1.0, stats=stats,
+                        ctx=multiprocessing.get_context("fork"))  # forked: the workers see the patch
     assert got[1] is False and got[0] and got[2] and all(got[3:])
     assert stats["killed"] == 1
     assert time.monotonic() - t0 < 15
+
+
+def test_default_pool_kills_a_worker_past_its_deadline():
+    """The default workers (forked from the forkserver, math-verify preloaded) are killed too: with a
+    deadline far below one cold math-verify check, pairs are cut off, counted not equal, and the
+    pool still finishes with no worker left behind."""
+    pairs = [("x \\in \\left( -\\infty, \\frac{7 - 2 \\sqrt{11}}{2} \\right)", "(-\\infty,3] \\cup [4,\\infty)"),
+             ("9+\\log_23", "\\frac{5}{2}"), ("|2 \\pi - 7|", "7-2\\pi")]
+    stats: dict = {}
+    before = set(multiprocessing.active_children())
+    got = grading._pool(pairs, workers=2, chunk=1, hard_timeout=0.01, stats=stats)
+    assert stats["killed"] >= 1 and got.count(False) >= stats["killed"]
+    assert not set(multiprocessing.active_children()) - before
+    assert grading._pool(pairs, workers=2) == [False, False, True]  # the same pool, no deadline hit
 
 
 def test_symmetric_equivalence():
