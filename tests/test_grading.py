@@ -164,6 +164,19 @@ def test_fast_path_settles_the_common_forms_without_math_verify():
         assert grading.fast_equivalent(pred, gold) is not None, (pred, gold)
 
 
+def test_different_real_sets_are_settled_and_equal_ones_left_to_math_verify():
+    # unions of intervals and inequalities in one variable: different sets are not equal without
+    # math-verify (it agrees on every such pair of the GPT-3.5 teacher file); equal sets in other
+    # forms are still its call
+    for pred, gold in [("(-\\infty,-6) \\cup (-6,1)", "(-6, 1)"), ("0\\leq g(x)\\leq 43", "-80\\leq g(x)\\leq 82"),
+                       ("\\left[\\frac{125}{81},\\frac{127}{81}\\right]", "-80\\leq g(x)\\leq 82"),
+                       ("x > 3", "[3, \\infty)"), ("(-\\infty, 1] \\cup [2, \\infty)", "(-\\infty, 1] \\cup (2, \\infty)")]:
+        assert grading.fast_equivalent(pred, gold) is False, (pred, gold)
+        assert grading.mv_equivalent(pred, gold) is False, (pred, gold)
+    for pred, gold in [("(1,2]\\cup[2,3)", "(1,3)"), ("x > 3", "(3, \\infty)"), ("1 \\le x < 2", "[1, 2)")]:
+        assert grading.fast_equivalent(pred, gold) is None, (pred, gold)
+
+
 EXTRACT_CASES = [
     ("so the answer is \\boxed{5}.", "5"),
     ("first \\boxed{1}, finally \\boxed{2}", "2"),

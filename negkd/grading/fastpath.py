@@ -3,6 +3,7 @@ matrices, equations) with the evaluator; True / False when it can tell, None for
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 
@@ -250,6 +251,81 @@ def _interval(s: str) -> tuple[float, float] | None:
     return (lo, hi) if lo < hi else None
 
 
+_Piece = tuple[float, bool, float, bool]  # (lo, lo closed, hi, hi closed) of a real interval
+_CHAIN = re.compile(r"^(.+?)(<|\\leq?(?![a-zA-Z]))(.+?)(<|\\leq?(?![a-zA-Z]))(.+)$")
+_ONE_SIDED = re.compile(r"^\s*[A-Za-z]\s*(<|>|\\[lg]eq?(?![a-zA-Z]))(.+)$")
+
+
+def _real_number(s: str) -> float | None:
+    v = _value(s)
+    if v is None or v[1] or isinstance(v[0][0], complex):
+        return None
+    return _to_float(v[0][0])  # type: ignore[arg-type]
+
+
+def _real_set(s: str) -> list[_Piece] | None:
+    """A union of real intervals with constant ends (``(-\\infty, 2) \\cup [3, 5]``, ``a \\le x < b``,
+    ``x > 3``) as sorted, merged pieces; None for anything else (tuples of non-numbers, complex ends)."""
+    m = _CHAIN.match(s)
+    if m and "\\cup" not in s and "," not in s and re.fullmatch(r"\s*[A-Za-z](?:\([A-Za-z]\))?\s*", m.group(3)):
+        lo, hi = _real_number(m.group(1)), _real_number(m.group(5))
+        pieces = None if lo is None or hi is None else [(lo, m.group(2) != "<", hi, m.group(4) != "<")]
+    elif (m := _ONE_SIDED.match(s)) and "\\cup" not in s and "," not in s:
+        b = _real_number(m.group(2))
+        if b is None:
+            return None
+        op, closed = m.group(1), m.group(1).startswith("\\")
+        pieces = [(b, closed, math.inf, False)] if op in (">", "\\ge", "\\geq") else [(-math.inf, False, b, closed)]
+    else:
+        pieces = []
+        for part in _split_top(s, "\\cup"):
+            e = _enclosed(part)
+            if e is None or e[0] == "{":
+                return None
+            ends = _split_top(e[1])
+            if len(ends) != 2:
+                return None
+            lo, hi = _real_number(ends[0]), _real_number(ends[1])
+            if lo is None or hi is None:
+                return None
+            pieces.append((lo, e[0] == "[", hi, e[2] == "]"))
+    if pieces is None or any(lo >= hi or math.isnan(lo) or math.isnan(hi) for lo, _, hi, _ in pieces):
+        return None
+    pieces.sort()
+    merged = [pieces[0]]
+    for lo, lc, hi, hc in pieces[1:]:
+        plo, plc, phi, phc = merged[-1]
+        if lo < phi or (lo == phi and (lc or phc)):
+            merged[-1] = (plo, plc, hi, hc) if hi > phi else (plo, plc, phi, phc if hi < phi else phc or hc)
+        else:
+            merged.append((lo, lc, hi, hc))
+    return merged
+
+
+def _real_sets_differ(p: str, g: str) -> bool | None:
+    """False when both answers are unions of real intervals (or inequalities in one variable) and the
+    sets differ by more than rounding; None otherwise (equal sets are left to math-verify)."""
+    if not all(re.search(r"[(\[<>]|\\[lg]e", x) for x in (p, g)):
+        return None
+    ps, gs = _real_set(p), _real_set(g)
+    if ps is None or gs is None:
+        return None
+
+    def close(a: float, b: float) -> bool:
+        return a == b or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+    def far(a: float, b: float) -> bool:
+        return not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+    if len(ps) == len(gs) and all(close(a[0], b[0]) and close(a[2], b[2]) and a[1] == b[1] and a[3] == b[3]
+                                  for a, b in zip(ps, gs)):
+        return None  # the same set: math-verify's call (it may still tell the forms apart)
+    ends = [x for piece in ps for x in (piece[0], piece[2])] + [x for piece in gs for x in (piece[0], piece[2])]
+    if any(not close(a, b) and not far(a, b) for a in ends for b in ends):
+        return None  # ends that agree only to rounding
+    return False
+
+
 def _structured(p: str, ppct: bool, g: str, gpct: bool, depth: int = 0) -> bool | None:
     """Compare cleaned answers that may be lists, sets, tuples, intervals, unions or matrices."""
     if depth > 4:
@@ -349,6 +425,7 @@ def fast_equivalent(pred: str | None, gold: str | None) -> bool | None:
             cp, ppct = _clean(p, thousands=False)
         elif len(_split_top(cp)) > 1 and _THOUSANDS.fullmatch(g.replace("\\!", "")):
             cg, gpct = _clean(g, thousands=False)
-        return _structured(cp, ppct, cg, gpct)
+        v = _structured(cp, ppct, cg, gpct)
+        return v if v is not None or ppct or gpct else _real_sets_differ(cp, cg)
     except Exception:  # anything the fast path trips on is math-verify's to decide
         return None
