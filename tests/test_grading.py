@@ -177,6 +177,17 @@ def test_different_real_sets_are_settled_and_equal_ones_left_to_math_verify():
         assert grading.fast_equivalent(pred, gold) is None, (pred, gold)
 
 
+def test_trig_in_degrees_with_different_values_is_settled():
+    # math-verify agrees on these; equal values (cos 40 cos 32 - sin 40 sin 32 is (sqrt 5 - 1)/4,
+    # which math-verify does not see) are left to it, so the fast path never adds a positive here
+    for pred, gold in [("2 \\cos 85^\\circ \\cos 75^\\circ", "4 \\sqrt{2}"), ("\\sin^2 20^{\\circ} + 1", "1")]:
+        assert grading.fast_equivalent(pred, gold) is False, (pred, gold)
+        assert grading.mv_equivalent(pred, gold) is False, (pred, gold)
+    for pred, gold in [("\\cos 40^\\circ \\cos 32^\\circ - \\sin 40^\\circ \\sin 32^\\circ", "\\frac{-1 + \\sqrt{5}}{4}"),
+                       ("\\sin 30^\\circ", "\\frac{1}{2}")]:
+        assert grading.fast_equivalent(pred, gold) is None, (pred, gold)
+
+
 EXTRACT_CASES = [
     ("so the answer is \\boxed{5}.", "5"),
     ("first \\boxed{1}, finally \\boxed{2}", "2"),

@@ -326,6 +326,21 @@ def _real_sets_differ(p: str, g: str) -> bool | None:
     return False
 
 
+_DEG = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ")
+
+
+def _degrees_differ(p: str, g: str) -> bool | None:
+    """False when both answers are real constants that differ beyond rounding once degrees (left in
+    place by normalisation next to a trig function: ``\\cos 10^\\circ``) are read as pi/180; else
+    None: equal values stay math-verify's call."""
+    if not (_DEG.search(p) or _DEG.search(g)):
+        return None
+    a, b = (_real_number(_DEG.sub(lambda _: "\\frac{\\pi}{180}", x)) for x in (p, g))
+    if a is None or b is None or math.isinf(a) or math.isinf(b):
+        return None
+    return None if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) else False
+
+
 def _structured(p: str, ppct: bool, g: str, gpct: bool, depth: int = 0) -> bool | None:
     """Compare cleaned answers that may be lists, sets, tuples, intervals, unions or matrices."""
     if depth > 4:
@@ -426,6 +441,9 @@ def fast_equivalent(pred: str | None, gold: str | None) -> bool | None:
         elif len(_split_top(cp)) > 1 and _THOUSANDS.fullmatch(g.replace("\\!", "")):
             cg, gpct = _clean(g, thousands=False)
         v = _structured(cp, ppct, cg, gpct)
-        return v if v is not None or ppct or gpct else _real_sets_differ(cp, cg)
+        if v is None and not (ppct or gpct):
+            v = _real_sets_differ(cp, cg)
+            v = _degrees_differ(cp, cg) if v is None else v
+        return v
     except Exception:  # anything the fast path trips on is math-verify's to decide
         return None
