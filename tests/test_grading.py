@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 
 import pytest
@@ -163,6 +164,30 @@ def test_fast_path_settles_the_common_forms_without_math_verify():
         assert grading.fast_equivalent(pred, gold) is not None, (pred, gold)
 
 
+def test_different_real_sets_are_settled_and_equal_ones_left_to_math_verify():
+    # unions of intervals and inequalities in one variable: different sets are not equal without
+    # math-verify (it agrees on every such pair of the GPT-3.5 teacher file); equal sets in other
+    # forms are still its call
+    for pred, gold in [("(-\\infty,-6) \\cup (-6,1)", "(-6, 1)"), ("0\\leq g(x)\\leq 43", "-80\\leq g(x)\\leq 82"),
+                       ("\\left[\\frac{125}{81},\\frac{127}{81}\\right]", "-80\\leq g(x)\\leq 82"),
+                       ("x > 3", "[3, \\infty)"), ("(-\\infty, 1] \\cup [2, \\infty)", "(-\\infty, 1] \\cup (2, \\infty)")]:
+        assert grading.fast_equivalent(pred, gold) is False, (pred, gold)
+        assert grading.mv_equivalent(pred, gold) is False, (pred, gold)
+    for pred, gold in [("(1,2]\\cup[2,3)", "(1,3)"), ("x > 3", "(3, \\infty)"), ("1 \\le x < 2", "[1, 2)")]:
+        assert grading.fast_equivalent(pred, gold) is None, (pred, gold)
+
+
+def test_trig_in_degrees_with_different_values_is_settled():
+    # math-verify agrees on these; equal values (cos 40 cos 32 - sin 40 sin 32 is (sqrt 5 - 1)/4,
+    # which math-verify does not see) are left to it, so the fast path never adds a positive here
+    for pred, gold in [("2 \\cos 85^\\circ \\cos 75^\\circ", "4 \\sqrt{2}"), ("\\sin^2 20^{\\circ} + 1", "1")]:
+        assert grading.fast_equivalent(pred, gold) is False, (pred, gold)
+        assert grading.mv_equivalent(pred, gold) is False, (pred, gold)
+    for pred, gold in [("\\cos 40^\\circ \\cos 32^\\circ - \\sin 40^\\circ \\sin 32^\\circ", "\\frac{-1 + \\sqrt{5}}{4}"),
+                       ("\\sin 30^\\circ", "\\frac{1}{2}")]:
+        assert grading.fast_equivalent(pred, gold) is None, (pred, gold)
+
+
 EXTRACT_CASES = [
     ("so the answer is \\boxed{5}.", "5"),
     ("first \\boxed{1}, finally \\boxed{2}", "2"),
@@ -227,7 +252,7 @@ def test_worker_pool_grades_like_in_process():
     assert judge_many(pairs, workers=2) == want
 
 
-@pytest.mark.skipif(grading._context().get_start_method() != "fork", reason="needs fork to patch the worker")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork to patch the worker")
 def test_a_hung_worker_is_killed_and_its_pair_is_false(monkeypatch):
     real = grading.mv_equivalent
 
@@ -240,10 +265,25 @@ def test_a_hung_worker_is_killed_and_its_pair_is_false(monkeypatch):
     pairs = [("\\frac{1}{4}", "1:4"), ("HANG", "1"), ("5! = 120", "120")] + [("\\frac{1}{4}", "1:4")] * 8
     stats: dict = {}
     t0 = time.monotonic()
-    got = grading._pool(pairs, workers=2, chunk=4, hard_timeout=1.0, stats=stats)
+    got = grading._pool(pairs, workers=2, chunk=4, hard_timeout=1.0, stats=stats,
+                        ctx=multiprocessing.get_context("fork"))  # forked: the workers see the patch
     assert got[1] is False and got[0] and got[2] and all(got[3:])
     assert stats["killed"] == 1
     assert time.monotonic() - t0 < 15
+
+
+def test_default_pool_kills_a_worker_past_its_deadline():
+    """The default workers (forked from the forkserver, math-verify preloaded) are killed too: with a
+    deadline far below one cold math-verify check, pairs are cut off, counted not equal, and the
+    pool still finishes with no worker left behind."""
+    pairs = [("x \\in \\left( -\\infty, \\frac{7 - 2 \\sqrt{11}}{2} \\right)", "(-\\infty,3] \\cup [4,\\infty)"),
+             ("9+\\log_23", "\\frac{5}{2}"), ("|2 \\pi - 7|", "7-2\\pi")]
+    stats: dict = {}
+    before = set(multiprocessing.active_children())
+    got = grading._pool(pairs, workers=2, chunk=1, hard_timeout=0.01, stats=stats)
+    assert stats["killed"] >= 1 and got.count(False) >= stats["killed"]
+    assert not set(multiprocessing.active_children()) - before
+    assert grading._pool(pairs, workers=2) == [False, False, True]  # the same pool, no deadline hit
 
 
 def test_symmetric_equivalence():

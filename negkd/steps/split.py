@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -61,10 +62,11 @@ def command(
                  overwrite=overwrite)
     if run.up_to_date():
         return
+    t_read = time.perf_counter()
     samples = [s for _, s in iter_samples(path, fmt)]  # validates every record before any output
+    gstats: dict = {"read_s": round(time.perf_counter() - t_read, 3)}
     log(f"read {len(samples):,} rationales for {len({s['id'] for s in samples}):,} problems from {path}")
 
-    gstats: dict = {}
     with progress() as bar:
         task = None
 
@@ -86,8 +88,10 @@ def command(
     stats["grading"] = gstats
     run.start()
     try:
+        t_write = time.perf_counter()
         run.write_jsonl("pos.jsonl", (r for r in rows if r["correct"]))
         run.write_jsonl("neg.jsonl", (r for r in rows if not r["correct"] and not (drop_unparseable and r["pred"] is None)))
+        gstats["write_s"] = round(time.perf_counter() - t_write, 3)  # pos.jsonl + neg.jsonl
         run.write_json("stats.json", stats)
         run.finish(totals=stats["total"])
     except BaseException:
