@@ -135,7 +135,9 @@ def test_nat_and_nce_under_a_budget_match_runs_without_it(tiny_model, tmp_path):
         a, b = load_file(str(tmp_path / f"{d}-None" / f)), load_file(str(tmp_path / f"{d}-60" / f))
         assert sorted(a) == sorted(b)
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+            # atol 1e-5: the lean NAT unit picks its W_1/W_K gradient path by micro-batch size
+            # (nat.LEAN_MIN_TOKENS), so a budget changes float32 summation order, not the math
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_budget_is_a_one_line_error(tiny_model, tmp_path):
