@@ -158,7 +158,7 @@ def test_nt_guard_keeps_the_loss_bounded_when_negatives_are_driven_to_p0():
             loss = masked_nll(z, pos_labels) - w * negative_nll(z, neg_labels, cap)
             loss.backward()
             opt.step()
-        return float(loss), z.detach()
+        return float(loss.detach()), z.detach()
 
     capped, z = run(None)
     assert math.isfinite(capped) and capped >= -w * math.log(V) - 1e-6
