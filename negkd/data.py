@@ -15,8 +15,14 @@ callback can record per-example statistics); ``id``/``k`` come from the sample r
 
 Truncation to ``max_length`` (counted, never silent): the completion keeps
 ``min(len, max(max_length - len(prompt), max_length // 2))`` tokens, cut from the right; the
-prompt is cut from the left to fill the rest. A row whose completion would be empty (an empty
-rationale) is dropped and counted.
+prompt is cut *inside the question*, from the question's left, to fill the rest: its special
+tokens (BOS), the chat template's header, the template's text around ``{question}`` and the
+end of the question stay (``_cut_prompt``). Only when even the question's removal is not
+enough (or a slow tokenizer gives no offsets) is the rest cut from the left after the leading
+special tokens; such rows are counted as ``prompt_frame_cut``. A row whose completion would be
+empty (an empty rationale) is dropped and counted.
+
+``neg`` is True for a row graded incorrect (``correct: false``): NT/UL tell the two apart.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class TokenizeStats:
     rows: int = 0
     kept: int = 0
     prompt_truncated: int = 0
+    prompt_frame_cut: int = 0  # truncated prompts that also lost template text (see _cut_prompt)
     completion_truncated: int = 0
     dropped_empty: int = 0
     tokens: int = 0  # total tokens of the kept examples
@@ -55,6 +62,9 @@ class TokenizeStats:
         if self.truncated:
             s += (f"; truncated {self.truncated:,} rows to --max-length ({self.prompt_truncated:,} prompts from the left, "
                   f"{self.completion_truncated:,} completions from the right)")
+        if self.prompt_frame_cut:
+            s += (f"; {self.prompt_frame_cut:,} prompts did not fit even without their question and lost template "
+                  "text too: raise --max-length")
         if self.dropped_empty:
             s += f"; dropped {self.dropped_empty:,} rows with an empty rationale"
         return s
@@ -83,7 +93,7 @@ def build_examples(records: Sequence[dict], tokenizer, template: str, chat_templ
         rationales = [r.get("rationale") or "" for r in chunk]
         p_ids = _encode(tokenizer, prompts, prompt_specials)
         c_ids = _encode(tokenizer, rationales, False)
-        for rec, p, c, text in zip(chunk, p_ids, c_ids, rationales):
+        for rec, prompt, p, c, text in zip(chunk, prompts, p_ids, c_ids, rationales):
             if not text.strip():
                 stats.dropped_empty += 1
                 stats.dropped_ids.append([rec.get("id"), rec.get("k")])
@@ -96,17 +106,71 @@ def build_examples(records: Sequence[dict], tokenizer, template: str, chat_templ
                     c = c[:keep_c]
                     stats.completion_truncated += 1
                 if keep_p < len(p):
-                    p = p[len(p) - keep_p:]
+                    p, whole_frame = _cut_prompt(tokenizer, rec, template, chat_template, prompt, p, keep_p,
+                                                 prompt_specials)
                     stats.prompt_truncated += 1
+                    stats.prompt_frame_cut += not whole_frame
             ids = p + c
             labels = ids.copy() if loss_on_prompt else [IGNORE_INDEX] * len(p) + c
             examples.append({"input_ids": ids, "labels": labels, "idx": len(examples),
-                             "id": rec.get("id"), "k": rec.get("k"), "n_prompt": len(p)})
+                             "id": rec.get("id"), "k": rec.get("k"), "n_prompt": len(p),
+                             "neg": rec.get("correct") is False})
             stats.tokens += len(ids)
             stats.target_tokens += sum(1 for x in labels[1:] if x != IGNORE_INDEX)
             stats.max_len = max(stats.max_len, len(ids))
     stats.kept = len(examples)
     return examples, stats
+
+
+_SENTINEL = "\ue000negkd-question\ue001"  # private-use characters: never in a real question
+
+
+def _cut_prompt(tokenizer, rec: dict, template: str, chat_template: bool, prompt: str, ids: list[int],
+                keep: int, specials: bool) -> tuple[list[int], bool]:
+    """``ids`` (the tokens of ``prompt``) cut to ``keep`` tokens inside the question: the question's
+    first tokens go, everything around it stays (BOS, chat header, template text, the question's
+    end). Returns (ids, whether all the non-question text was kept).
+
+    The question's place is found by rendering the prompt with a sentinel question and mapping
+    its character span to tokens through the tokenizer's offsets, so the kept tokens are exactly
+    those of the full prompt (no re-tokenization at the cut). Falls back to keeping the leading
+    special tokens and cutting the rest from the left.
+    """
+    drop = len(ids) - keep
+    span = _question_span(tokenizer, rec, template, chat_template, prompt, ids, specials)
+    if span is not None:
+        a, b = span  # ids[a:b] are the question's tokens
+        if drop <= b - a:
+            return ids[:a] + ids[a + drop:], True
+        ids, drop = ids[:a] + ids[b:], drop - (b - a)  # no question left; cut the frame below
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    lead = 0
+    while lead < len(ids) and ids[lead] in special and lead < keep:
+        lead += 1
+    return ids[:lead] + ids[lead + drop:], False
+
+
+def _question_span(tokenizer, rec: dict, template: str, chat_template: bool, prompt: str, ids: list[int],
+                   specials: bool) -> tuple[int, int] | None:
+    """Token indices [a, b) of the question inside ``ids``, or None when they cannot be found."""
+    from negkd.prompts import build_prompt
+
+    frame = build_prompt({**rec, "question": _SENTINEL}, template, tokenizer, chat_template)
+    if frame.count(_SENTINEL) != 1:
+        return None
+    head, tail = frame.split(_SENTINEL)
+    if not (prompt.startswith(head) and prompt.endswith(tail) and len(head) + len(tail) <= len(prompt)):
+        return None
+    qs, qe = len(head), len(prompt) - len(tail)  # the question's characters in the prompt
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(prompt, add_special_tokens=specials, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(ids):
+        return None
+    inside = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s >= qs and e <= qe]
+    if not inside or inside[-1] + 1 - inside[0] != len(inside):
+        return None
+    return inside[0], inside[-1] + 1
 
 
 def lengths(examples: Sequence[dict]) -> list[int]:

@@ -447,7 +447,8 @@ def neg_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @contextmanager
 def gate_mask(model: nn.Module, attention_mask: torch.Tensor | None):
     """Record gate statistics (track_gates) only for forwards inside this context, counting only
-    positions where ``attention_mask`` is 1 (None: all). Forwards outside it, such as gradient
+    positions where ``attention_mask`` is 1 (None: all; train-pos passes the completion tokens, so
+    the prompt and padding are not counted). Forwards outside it, such as gradient
     checkpointing's recompute during backward, are not counted."""
     layers = list(nat_layers(model).values())
     for m in layers:

@@ -54,7 +54,7 @@ class DataSource:
 class Recipe:
     """What differs between commands: how to wrap the base and how to save the result."""
     command: str
-    kind: str  # recorded in negkd.json: neg-lora | pos-lora | mix-lora | nat
+    kind: str  # recorded in negkd.json: neg-lora | pos-lora | mix-lora | nt-lora | ul-lora | nat
     attach: Callable[[Any], Any]  # model -> model to train (its requires_grad params train)
     save_final: Callable[[Any, Path, dict], None]  # (unwrapped model, dir, negkd meta) -> writes the payload
     save_ckpt: Callable[[Any, Path, dict], None] | None = None  # payload inside each checkpoint
@@ -64,6 +64,14 @@ class Recipe:
     after_fit: Callable[[Any], None] | None = None
     meta: dict = field(default_factory=dict)  # extra negkd.json fields
     fingerprint: dict = field(default_factory=dict)
+    weight_fn: Callable | None = None  # fit()'s weight_fn (default: the batch's target tokens)
+    param_counts: Callable[[Any], dict] | None = None  # model -> {component: trainable parameters}
+
+
+def trainable_counts(model) -> dict:
+    """``{"lora": n, "total": n}``: the trainable parameters of a plain (PEFT) LoRA model."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"lora": n, "total": n}
 
 
 def base_identity(name: str) -> dict:
@@ -168,6 +176,9 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
                        load_in_4bit=mopts.load_in_4bit, load_in_8bit=mopts.load_in_8bit,
                        trust_remote_code=mopts.trust_remote_code, gradient_checkpointing=mopts.gradient_checkpointing)
     model = recipe.attach(model)
+    counts = (recipe.param_counts or trainable_counts)(model)
+    if main:
+        log("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     if recipe.before_fit:
         recipe.before_fit(model)
     ident = base_identity(mopts.base_model)
@@ -181,7 +192,7 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     meta = {"kind": recipe.kind, **ident, "template": template, "chat_template": dopts.chat_template,
             "loss_on_prompt": dopts.loss_on_prompt, "max_length": dopts.max_length,
             "data": [{"path": str(p), "sha256": i["sha256"]} for p, i in zip(paths, run.inputs)],
-            "data_stats": stats.as_dict(), **recipe.meta}
+            "data_stats": stats.as_dict(), "trainable_params": counts, **recipe.meta}
     from negkd import __version__
 
     meta["negkd_version"] = __version__
@@ -192,7 +203,7 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
             (Path(d) / META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     res = fit(model, examples, config=cfg, out_dir=out, collate_fn=Collator(tok.pad_token_id),
-              lengths=lengths(examples), loss_fn=recipe.loss_fn or lm_loss, weight_fn=lm_weight, save_fn=save_ckpt, metrics_fn=recipe.metrics_fn,
+              lengths=lengths(examples), loss_fn=recipe.loss_fn or lm_loss, weight_fn=recipe.weight_fn or lm_weight, save_fn=save_ckpt, metrics_fn=recipe.metrics_fn,
               fingerprint=fingerprint, resume=resume, accelerator=acc, desc=recipe.command)
     if recipe.after_fit:
         recipe.after_fit(res.model)
@@ -215,7 +226,7 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     scratch.rmdir()
     run.record_output("metrics.jsonl")
     manifest = run.finish(steps=res.step, world_size=acc.num_processes, data_stats=stats.as_dict(),
-                          resumed_from=res.resumed_from,
+                          resumed_from=res.resumed_from, trainable_params=counts,
                           tokens_per_s=round(res.tokens_per_s, 1), padding_share=round(res.padding_share, 4),
                           peak_gpu_memory_gb=round(res.peak_memory_gb, 3) if res.peak_memory_gb is not None else None)
     last = res.history[-1] if res.history else {}

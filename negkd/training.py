@@ -27,6 +27,11 @@ API (used by train-neg, train-pos, calibrate, train-ranker)::
   the checkpoint also holds every trainable tensor by name.
 - ``metrics_fn(unwrapped_model) -> dict``: extra scalars at each log step (e.g. NAT's mean
   g_neg per layer); same keys on every process (they are averaged across processes).
+- K component losses: ``weight_fn`` may return K weights (a ``(K,)`` tensor) when ``loss_fn``
+  returns K losses ``(K,)``, each a mean over its own units (NT/UL: positive tokens and negative
+  tokens). Each component is then averaged over *its own* units across the whole optimizer step
+  (all micro-batches and processes) and the objective is their sum; metrics.jsonl logs the
+  objective as ``loss`` and each component under the names in ``loss_fn.parts`` (if set).
 - ``fingerprint``: what must not change between an interrupted run and its ``--resume``
   (data hashes, model, adapter config); fit adds its own config (except the run length) and
   the world size.
@@ -262,6 +267,13 @@ class Filler(list):
     with weight 0, and nothing is logged or counted."""
 
 
+def _micro_weight(mb, batch, weight_fn, device) -> torch.Tensor:
+    """A micro-batch's weight in the step's average: ``weight_fn(batch)`` (() or (K,)), else its row
+    count; zeros of the same shape for a Filler."""
+    w = torch.as_tensor(weight_fn(batch) if weight_fn is not None else len(mb), device=device, dtype=torch.float64)
+    return torch.zeros_like(w) if isinstance(mb, Filler) else w
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -417,10 +429,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                 epoch, micro = plan.step(step)
                 batches = [_to_device(collate_fn([dataset[i] for i in mb]), device) for mb in micro]
                 if weight_fn is not None or config.max_batch_tokens:
-                    ws = [torch.as_tensor(0.0 if isinstance(mb, Filler) else weight_fn(b) if weight_fn is not None
-                                          else len(mb), device=device, dtype=torch.float64)
-                          for mb, b in zip(micro, batches)]
-                    w_local = torch.stack(ws).sum()
+                    ws = [_micro_weight(mb, b, weight_fn, device) for mb, b in zip(micro, batches)]
+                    w_local = torch.stack(ws).sum(0)  # () or (K,): see "K component losses" above
                     w_all = acc.reduce(w_local.clone(), reduction="sum") if world > 1 else w_local
                     scales = [world * w / w_all.clamp_min(1e-12) for w in ws]
                 else:
@@ -430,7 +440,13 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                     sync = i == len(batches) - 1
                     with (nullcontext() if sync else acc.no_sync(wrapped)):
                         loss, logs = loss_fn(wrapped, batch)
-                        acc.backward(loss * sc.to(loss.dtype))
+                        acc.backward((loss * sc.to(loss.dtype)).sum())
+                    if loss.dim():  # K components: log the step's exact objective and each component's mean
+                        parts = loss.detach().double() * sc * len(batches)  # (K,), sums to the objective
+                        names = getattr(loss_fn, "parts", None) or [f"loss_{k}" for k in range(len(parts))]
+                        logs = {**(logs or {}), **dict(zip(names, parts))}
+                        loss, w = parts.sum(), torch.tensor(1.0 / (world * len(batches)), device=device,
+                                                            dtype=torch.float64)
                     acc_loss += loss.detach().double() * w
                     acc_w += w
                     for k, v in (logs or {}).items():

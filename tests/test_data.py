@@ -56,10 +56,10 @@ def test_truncation_counted_and_never_drops_completion(tok):
     long_c, long_p = exs[1], exs[2]
     # completion cut from the right: no EOS at the end, prompt intact
     assert long_c["input_ids"][-1] != tok.eos_token_id and len(long_c["input_ids"]) == 64
-    # prompt cut from the left: it still ends with the template's "Solution:" cue, and the whole
-    # (short) completion is kept with its EOS
+    # prompt cut inside the question, from its left: the template's "Problem:" head and "Solution:"
+    # cue both stay, and the whole (short) completion is kept with its EOS
     tail = tok.decode(long_p["input_ids"][:long_p["n_prompt"]])
-    assert tail.endswith("Solution:\n") and not tail.startswith("Problem:")
+    assert tail.startswith("Problem:\n") and tail.endswith("apples.\nSolution:\n") and st.prompt_frame_cut == 0
     c = tok(recs[2]["rationale"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert long_p["input_ids"][long_p["n_prompt"]:] == c
     assert "truncated 2 rows" in st.summary() and "dropped 1" in st.summary()
@@ -95,3 +95,59 @@ def test_collate_example_ids_are_tensors(tok):
     exs, _ = build_examples([_rec(0)], tok, DEFAULT_TEMPLATE)
     b = Collator(tok.pad_token_id)(exs)
     assert b["input_ids"].dtype == torch.long and b["idx"].dtype == torch.long
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tiny_model):
+    """The tiny tokenizer, made to prepend BOS like LLaMA's."""
+    from tokenizers.processors import TemplateProcessing
+
+    from negkd.modeling import load_tokenizer
+
+    t = load_tokenizer(str(tiny_model))
+    t._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.bos_token_id)])
+    assert t("x")["input_ids"][0] == t.bos_token_id
+    return t
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_truncation_keeps_bos_and_header_and_cuts_inside_the_question(bos_tok, chat):
+    """A long question is cut from its left; BOS (plain) / the chat header (--chat-template) and the
+    template text around {question} stay, and the kept tokens are exactly the full prompt's tokens."""
+    from negkd.prompts import build_prompt
+
+    long_q = " ".join(f"Ann has {i} apples." for i in range(80)) + " How many now?"
+    rec = _rec(0, q=long_q)
+    full, _ = build_examples([rec], bos_tok, DEFAULT_TEMPLATE, chat_template=chat, max_length=4096)
+    exs, st = build_examples([rec], bos_tok, DEFAULT_TEMPLATE, chat_template=chat, max_length=64)
+    (ex,) = exs
+    assert st.prompt_truncated == 1 and st.prompt_frame_cut == 0 and len(ex["input_ids"]) == 64
+    p, p_full = ex["input_ids"][:ex["n_prompt"]], full[0]["input_ids"][:full[0]["n_prompt"]]
+    head = build_prompt({**rec, "question": ""}, DEFAULT_TEMPLATE, bos_tok, chat).split("Solution:")[0]
+    n_head = len(bos_tok(head.rstrip("\n"), add_special_tokens=not chat)["input_ids"])
+    assert p[:n_head] == p_full[:n_head]  # BOS / header / "Problem:" kept token for token
+    text = bos_tok.decode(p)
+    if chat:
+        assert text.startswith("<|user|>\nProblem:\n") and text.endswith("</s>\n<|assistant|>\n")
+    else:
+        assert p[0] == bos_tok.bos_token_id and text.startswith("<s>Problem:\n")
+        assert text.endswith("How many now?\nSolution:\n")
+    k = next(i for i in range(len(p)) if p[i] != p_full[i])  # first cut position
+    assert k >= n_head and p[k:] == p_full[len(p_full) - (len(p) - k):]  # one cut; the end is the full prompt's
+    assert "Ann has 0 apples" not in text and "Ann has 79 apples. How many now?" in text
+    assert ex["input_ids"][ex["n_prompt"]:] == full[0]["input_ids"][full[0]["n_prompt"]:]  # completion whole
+
+
+def test_prompt_truncation_when_even_the_frame_does_not_fit_keeps_bos_and_is_counted(bos_tok):
+    rec = _rec(0, q=" ".join(["Ann has 3 apples."] * 40), r=" ".join(["7 + 8 = 15."] * 40))
+    tmpl = "Here is a problem for you to solve carefully, step by step:\n{question}\nNow write the solution:\n"
+    (ex,), st = build_examples([rec], bos_tok, tmpl, max_length=16)
+    assert st.prompt_truncated == 1 and st.prompt_frame_cut == 1 and "lost template text" in st.summary()
+    assert len(ex["input_ids"]) == 16 and ex["input_ids"][0] == bos_tok.bos_token_id
+    assert "Ann has" not in bos_tok.decode(ex["input_ids"][:ex["n_prompt"]])  # the question went first
+
+
+def test_examples_carry_the_negative_flag(tok):
+    exs, _ = build_examples([{**_rec(0), "correct": True}, {**_rec(1), "correct": False}, _rec(2)], tok,
+                            DEFAULT_TEMPLATE)
+    assert [e["neg"] for e in exs] == [False, True, False]

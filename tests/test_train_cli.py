@@ -1,7 +1,9 @@
 """train-neg / train-pos end to end on the tiny model (CPU): outputs, loading, resume, errors, help."""
 
 import json
+import math
 import random
+import re
 
 import pytest
 import torch
@@ -179,15 +181,97 @@ def test_baselines_no_neg_and_mix_are_stock_adapters(trained, tiny_model):
         assert meta["kind"] == kind and meta["data_stats"]["kept"] == rows
 
 
-@pytest.mark.parametrize("extra,msg", [
-    ([], "exactly one of"),
-    (["--no-neg", "--mix", "x.jsonl"], "exactly one of"),
-    (["--no-neg"], "needs --base-model"),
+@pytest.mark.parametrize("extra,code,msg", [
+    ([], 2, "exactly one of"),
+    (["--no-neg", "--mix", "x.jsonl"], 2, "exactly one of"),
+    (["--nt", "x.jsonl", "--ul", "x.jsonl"], 2, "got --nt and --ul"),
+    (["--neg", "x", "--nt", "x.jsonl"], 2, "got --neg and --nt"),
+    (["--mix", "x.jsonl", "--neg-weight", "0.1"], 2, "applies to --nt/--ul only"),
+    (["--nt", "x.jsonl", "--neg-weight", "-0.1"], 2, "must be a finite number >= 0"),
+    (["--ul", "x.jsonl", "--neg-weight", "nan"], 2, "must be a finite number >= 0"),
+    (["--ul", "x.jsonl", "--neg-weight", "inf"], 2, "must be a finite number >= 0"),
+    (["--no-neg"], 1, "needs --base-model"),
+    (["--ul", "x.jsonl"], 1, "needs --base-model"),
 ])
-def test_train_pos_mode_flags(trained, extra, msg):
+def test_train_pos_mode_flags(trained, extra, code, msg):
     r = invoke(trained["runner"], ["train-pos", str(trained["split"]), "-o", str(trained["root"] / "bad"), *extra])
-    assert r.exit_code == 1 and msg in r.output
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", r.output).split())  # rich's error box wraps the message
+    assert r.exit_code == code and msg in text, r.output
     assert not (trained["root"] / "bad").exists()
+
+
+def test_nt_ul_baselines_train_stock_adapters(trained, tiny_model):
+    """--nt NEG / --ul NEG: stock PEFT adapters trained on positives + negatives, both terms logged,
+    the weight and parameter counts recorded."""
+    from peft import PeftModel
+
+    from negkd.modeling import load_model, load_tokenizer
+
+    runner, split, root = trained["runner"], trained["split"], trained["root"]
+    tok = load_tokenizer(str(tiny_model))
+    ids = tok(["Problem:\nWhat is 3 + 4?\nSolution:\n"], return_tensors="pt")["input_ids"]
+    for flag, neg_arg, kind, extra in (("--nt", split, "nt-lora", []),
+                                       ("--ul", split / "neg.jsonl", "ul-lora", ["--neg-weight", "0.5"])):
+        out = root / kind
+        r = invoke(runner, ["train-pos", str(split / "pos.jsonl"), "-o", str(out), "--base-model", str(tiny_model),
+                            flag, str(neg_arg), *extra, "--max-steps", "3", *COMMON])
+        assert r.exit_code == 0, r.output
+        assert "trainable parameters: lora 6,144, total 6,144" in r.output
+        assert (out / "adapter_config.json").exists() and not (out / "nat_config.json").exists()
+        meta = json.loads((out / "negkd.json").read_text())
+        w = 0.05 if flag == "--nt" else 0.5
+        assert meta["kind"] == kind and meta["data_stats"]["kept"] == 80 and meta["neg_weight"] == w
+        assert meta["trainable_params"] == {"lora": 6144, "total": 6144}  # 2 layers x (q, v) x r 8 x (96 + 96)
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["args"]["mode"] == kind and man["args"]["neg_weight"] == w
+        assert man["trainable_params"]["total"] == 6144
+        for rec in metrics(out):
+            assert rec["loss_pos"] > 0 and rec["loss"] == pytest.approx(rec["loss_pos"] + rec["loss_neg"])
+            assert (rec["loss_neg"] < 0) if flag == "--nt" else (rec["loss_neg"] > 0)
+            if flag == "--nt":  # the cap: -w ln V <= term
+                assert rec["loss_neg"] >= -w * math.log(len(tok)) - 1e-9
+        peft_model = PeftModel.from_pretrained(load_model(str(tiny_model), device="cpu"), str(out)).eval()
+        with torch.no_grad():
+            with peft_model.disable_adapter():
+                base = peft_model(ids).logits
+            assert not torch.allclose(peft_model(ids).logits, base, atol=1e-4)
+    nat_meta = json.loads((trained["nat"] / "negkd.json").read_text())
+    c = nat_meta["trainable_params"]
+    assert set(c) == {"pos_lora", "gate_qk", "gate_w1w2", "total"} and c["pos_lora"] == 4 * 8 * 192
+    assert c["total"] == c["pos_lora"] + c["gate_qk"] + c["gate_w1w2"]
+
+
+def test_nt_resume_matches_an_uninterrupted_run(trained, tiny_model):
+    """Both streams' data position (one mixed plan) survive an interruption: 2 steps + --resume to 4
+    give the adapter of 4 uninterrupted steps."""
+    runner, split, root = trained["runner"], trained["split"], trained["root"]
+
+    def run(out, steps, *more):
+        r = invoke(runner, ["train-pos", str(split), "-o", str(out), "--base-model", str(tiny_model), "--nt",
+                            str(split), "--neg-weight", "0.3", "--max-steps", str(steps), "--batch-size", "4",
+                            "--grad-accum", "2", "--lr", "1e-2", "--log-every", "1", "--warmup", "0",
+                            "--schedule", "constant", "--device", "cpu", *more])  # same LR in 2 + 2 as in 4
+        assert r.exit_code == 0, r.output
+
+    run(root / "nt-straight", 4)
+    run(root / "nt-resumed", 2)
+    run(root / "nt-resumed", 4, "--resume")
+    a = load_file(str(root / "nt-straight" / "adapter_model.safetensors"))
+    b = load_file(str(root / "nt-resumed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    m_res, m_all = metrics(root / "nt-resumed"), metrics(root / "nt-straight")
+    assert [x["step"] for x in m_res] == [1, 2, 3, 4]
+    for x, y in zip(m_res, m_all):
+        assert x["loss_pos"] == pytest.approx(y["loss_pos"]) and x["loss_neg"] == pytest.approx(y["loss_neg"])
+    man = json.loads((root / "nt-resumed" / "manifest.json").read_text())
+    assert man["resumed_from"] == 2 and man["steps"] == 4
+    r = invoke(runner, ["train-pos", str(split), "-o", str(root / "nt-resumed"), "--base-model", str(tiny_model),
+                        "--nt", str(split), "--neg-weight", "0.2", "--max-steps", "5", "--batch-size", "4",
+                        "--grad-accum", "2", "--lr", "1e-2", "--log-every", "1", "--warmup", "0", "--schedule",
+                        "constant", "--device", "cpu", "--resume"])
+    assert r.exit_code == 1 and "neg_weight" in r.output  # a changed weight is a different run
 
 
 def _error(runner, args, tmp_path, msg):
