@@ -267,9 +267,11 @@ class Filler(list):
     with weight 0, and nothing is logged or counted."""
 
 
-def _micro_weight(mb, batch, weight_fn, device) -> torch.Tensor:
+def _micro_weight(mb, batch, weight_fn, device):
     """A micro-batch's weight in the step's average: ``weight_fn(batch)`` (() or (K,)), else its row
     count; zeros of the same shape for a Filler."""
+    import torch
+
     w = torch.as_tensor(weight_fn(batch) if weight_fn is not None else len(mb), device=device, dtype=torch.float64)
     return torch.zeros_like(w) if isinstance(mb, Filler) else w
 
