@@ -213,3 +213,59 @@ def test_overlap_statistics_known_values():
     assert ss.shared_ratio(a, a) == pytest.approx(2.0)
     assert ss.p_b_given_not_a(a, b) == pytest.approx(0.5)
     assert math.isnan(ss.p_b_given_not_a([1, 1], [0, 1]))
+
+
+# ----------------------------------------------------------------------------- report (synthetic runs)
+
+
+def _synthetic_study(effect: int):
+    """60 test problems; every method solves the same random 40% per seed, NAT also solves the first
+    ``effect`` rare problems in the exclusive world only."""
+    rng = np.random.default_rng(7)
+    problems = {f"t{subj}{lv}{i}": {"subject": subj, "level": lv}
+                for subj in ("rare", "common") for lv in (1, 2, 3, 4, 5) for i in range(6)}
+    ids = sorted(problems)
+    rare = [i for i in ids if problems[i]["subject"] == "rare"]
+    seeds = [0, 1, 2]
+    base = [{i: bool(rng.random() < 0.4) for i in ids} for _ in seeds]
+    acc = {}
+    for w in ("exclusive", "control"):
+        acc[w] = {m: [dict(b) for b in base] for m in ("cotkd", "cotkd_long", "mix", "neg", "natnull", "nce", "gold")}
+        acc[w]["nat"] = [{i: (v or (w == "exclusive" and i in rare[:effect])) for i, v in b.items()} for b in base]
+    return {"problems": problems, "acc": acc, "seeds": seeds, "params": {"cotkd": 1000, "nat": 1500},
+            "premise": {"exclusive": {"pos": 30, "neg": 70}, "control": {"pos": 60, "neg": 40}},
+            "nll": {"exclusive": {"cotkd": [2.0, 2.2], "neg": [1.0, 1.1]}},
+            "curves": {w: {"cotkd": [(10, 20.0), (20, 30.0)], "nat": [(10, 25.0), (20, 35.0)]} for w in ("exclusive", "control")},
+            "votes": {"exclusive": {"nce": [{"sc@N": 0.5, "asc@N[1+s]": 0.55}]}}}
+
+
+def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
+    import report_study
+
+    data = _synthetic_study(effect=20)
+    text = report_study.build(data, tmp_path, ["# synthetic\n"], {"nt": "no --nt here", "ul": "no --ul here"}, reps=300)
+    rows = {r["test"]: r for r in report_study.family(data, reps=300)}
+    h1 = rows["DiD NAT − CoT-KD, rare"]
+    rare_ids = [i for i in data["problems"] if data["problems"][i]["subject"] == "rare"]
+    gain = sum(not b[i] for b in [dict(x) for x in data["acc"]["control"]["cotkd"]] for i in sorted(rare_ids)[:20])
+    assert h1["estimate"] == pytest.approx(100 * gain / (3 * len(rare_ids)))
+    assert h1["verdict"] == "holds" and h1["p_holm"] >= h1["p"]
+    assert rows["DiD MIX − CoT-KD, rare"]["estimate"] == 0 and rows["DiD MIX − CoT-KD, rare"]["verdict"].startswith("fails")
+    assert rows["DiD NT − CoT-KD, rare"]["not_run"]
+    assert rows["NAT − CoT-KD, common, control"]["estimate"] == 0
+    assert "| H1 | DiD NAT − CoT-KD, rare | >0 |" in text and "holds" in text
+    assert "| NT | - | not run: no --nt here |" in text
+    assert "| exclusive | 30 | 70 | 30.0% | 2.100 | 1.050 |" in text
+    assert "`asc@N[1+s]`" in text and "`sc@N`" in text
+    for png in ("did.png", "curves.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    none = report_study.family(_synthetic_study(effect=0), reps=200)
+    assert next(r for r in none if r["id"] == "H1")["verdict"] == "fails (not significant)"
+
+
+def test_rare_demo_counter():
+    import report_study
+
+    text = "Ann trades at the market: 3 * 14 - 2 = 40.\nBob trades at the market: 3 * 5 - 2 = 12.\n" \
+           "Cid trades at the market: 2 * 5 - 2 = 8.\nDee trades at the market: 3 * -1 - 2 = -5."
+    assert report_study.count_rare_demos(text) == 2
