@@ -117,7 +117,7 @@ def test_cotkd_long_gets_neg_plus_nat_steps_and_controls_share_nat_flags(monkeyp
     monkeypatch.setattr(study.run, "sh", lambda cmd, out, **kw: cmds.__setitem__(out.name, [str(c) for c in cmd]))
     monkeypatch.setattr(study, "zero_neg", lambda neg, out: out)
     P = {"base": tmp_path / "base", "data": tmp_path}
-    for m in ("cotkd", "cotkd_long", "neg", "nat", "natnull", "nce", "mix", "gold"):
+    for m in study.METHODS:
         study.train(m, 3, 40, tmp_path, P, "exclusive", curve=False)
 
     def flag(m, f):
@@ -125,8 +125,11 @@ def test_cotkd_long_gets_neg_plus_nat_steps_and_controls_share_nat_flags(monkeyp
         return c[c.index(f) + 1]
 
     assert int(flag("cotkd_long", "--max-steps")) == int(flag("neg", "--max-steps")) + int(flag("nat", "--max-steps")) == 80
-    for m in ("cotkd", "mix", "gold", "neg", "nat", "natnull", "nce"):
+    for m in ("cotkd", "mix", "gold", "neg", "nat", "natnull", "nce", "nt", "ul"):
         assert flag(m, "--max-steps") == "40"
+    # NT / UL with issue 11's flag names, on the same positives + negatives (the split directory)
+    assert flag("nt", "--nt") == str(tmp_path / "split") and flag("nt", "--neg-weight") == "0.05"
+    assert flag("ul", "--ul") == str(tmp_path / "split") and "--no-neg" not in cmds["ul"]
     nat, null = cmds["nat"], cmds["natnull"]
     assert flag("natnull", "--neg").endswith("neg-zero") and flag("nat", "--neg").endswith("neg")
     assert [c for c in nat if "neg" not in c] == [c for c in null if "neg" not in c]  # same everything else
@@ -152,3 +155,17 @@ def test_premise_nll_scores_only_the_rare_step(runs, tiny_model):
     model2, tok2 = premise_nll.load_student(str(tiny_model), runs / "nat")  # a NAT checkpoint loads too
     r2 = premise_nll.nll_rare_steps(model2, tok2, probs, DEFAULT_TEMPLATE)
     assert r2["tokens"] == r["tokens"] and r2["nll_per_token"] != r["nll_per_token"]
+
+
+def test_methods_this_negkd_lacks_are_named_not_dropped_silently():
+    import subprocess
+
+    help_text = subprocess.run([study.NEGKD, "train-pos", "--help"], capture_output=True, text=True,
+                               env={**__import__("os").environ, "COLUMNS": "200"}).stdout
+    assert "--no-neg" in help_text  # the help was really read
+    ok, missing = study.available_methods(study.METHODS)
+    for m, flag in study.NEEDS_NEG_LOSS.items():
+        assert (m in missing) == (flag not in help_text) and (m in ok) == (flag in help_text)
+        if m in missing:
+            assert flag in missing[m]
+    assert set(ok) | set(missing) == set(study.METHODS)

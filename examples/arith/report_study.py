@@ -305,7 +305,7 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
     for m, why in missing.items():
         L.append(f"| {NAMES[m]} | - | not run: {why} | | | |")
     L.append("\nTrainable parameters are counted from each run's saved tensors (NAT: Pos-LoRA + gate unit, the frozen "
-             "Neg-LoRA excluded; NAT+NCE: the calibration adapter alone).\n")
+             "Neg-LoRA excluded; NAT+NCE: its stock adapter, the whole student, since the NAT model is only its teacher during calibration).\n")
     L.append("Rare-skill problems by level (%, mean over seeds):\n")
     L.append("| method | " + " | ".join(f"{w[:4]} L{lv}" for w in WORLDS for lv in (1, 2, 3, 4, 5)) + " |")
     L.append("|---|" + "---|" * 10)

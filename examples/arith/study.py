@@ -48,7 +48,17 @@ import run  # noqa: E402  (sh, eval_splits, the shared budget and paths)
 import worlds  # noqa: E402
 
 PY = sys.executable
-NEGKD = run.NEGKD
+
+
+def _negkd() -> str:
+    """$NEGKD, else the repo's .venv/bin/negkd, else the negkd script beside this Python."""
+    if os.environ.get("NEGKD") or Path(run.NEGKD).is_file():
+        return run.NEGKD
+    beside = Path(sys.executable).parent / "negkd"
+    return str(beside) if beside.is_file() else run.NEGKD
+
+
+NEGKD = _negkd()
 STUDY = run.WORK / "study"
 
 METHODS = ["gold", "cotkd", "cotkd_long", "mix", "nt", "ul", "neg", "nat", "natnull", "nce"]
@@ -317,6 +327,8 @@ def curve_evals(method: str, sdir: Path, data: Path) -> None:
     if not cdir.is_dir():
         return
     for ck in sorted(cdir.glob("step-*")):
+        if not ((ck / "adapter_model.safetensors").is_file() or (ck / "nat_model.safetensors").is_file()):
+            continue  # a checkpoint without a usable payload
         pred = cdir / f"{ck.name}-pred"
         run.sh([NEGKD, "infer", data / "val.jsonl", "-o", pred, "--model", ck, "--greedy", "--max-new-tokens", 256,
                 "--batch-size", 64, "--device", "cpu"], pred)
