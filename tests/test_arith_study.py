@@ -236,7 +236,9 @@ def _synthetic_study(effect: int):
             "premise": {"exclusive": {"pos": 30, "neg": 70}, "control": {"pos": 60, "neg": 40}},
             "nll": {"exclusive": {"cotkd": [2.0, 2.2], "neg": [1.0, 1.1]}},
             "curves": {w: {"cotkd": [(10, 20.0), (20, 30.0)], "nat": [(10, 25.0), (20, 35.0)]} for w in ("exclusive", "control")},
-            "votes": {"exclusive": {"nce": [{"sc@N": 0.5, "asc@N[1+s]": 0.55}]}}}
+            "votes": {"exclusive": {"nce": [{"sc@N": 0.5, "asc@N[1+s]": 0.55}]}},
+            "vote_correct": {"exclusive": {"nce": {"sc": [dict(b) for b in base],
+                                                   "asc:1+s": [{i: True for i in ids} for _ in seeds]}}}}
 
 
 def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
@@ -257,6 +259,9 @@ def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
     assert "| NT | - | not run: no --nt here |" in text
     assert "| exclusive | 30 | 70 | 30.0% | 2.100 | 1.050 |" in text
     assert "`asc@N[1+s]`" in text and "`sc@N`" in text
+    asc = next(r for r in report_study.secondary(data, reps=200) if r["test"].startswith("NAT+NCE: asc:1+s"))
+    solved = sum(sum(b.values()) for b in data["vote_correct"]["exclusive"]["nce"]["sc"])
+    assert asc["estimate"] == pytest.approx(100 * (1 - solved / (3 * 60)))
     for png in ("did.png", "curves.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     none = report_study.family(_synthetic_study(effect=0), reps=200)

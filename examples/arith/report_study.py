@@ -42,6 +42,12 @@ def correct_map(pred_file: Path, prefix: str) -> dict[str, bool]:
     return report.correctness(pred_file, prefix=prefix)
 
 
+def correct_map_rule(pred_file: Path, rule: str) -> dict[str, bool]:
+    import report
+
+    return report.correctness(pred_file, rule=rule)
+
+
 def count_rare_demos(text: str) -> int:
     """Lines of a rationale that apply the rare rule correctly to the number they show (3 * x - 2)."""
     return sum(m.group(1) == "3" and m.group(3) == "2" and int(m.group(4)) == 3 * int(m.group(2)) - 2
@@ -97,6 +103,11 @@ def collect(P: dict, tag: str, seeds: list[int], methods: list[str]) -> dict:
                     (res,) = json.loads(mf.read_text())["files"].values()
                     rows = {k: v for k, v in res["overall"].items() if isinstance(v, float)}
                     data["votes"].setdefault(w, {}).setdefault(m, []).append(rows)
+                    pred = mf.parents[2] / "predictions.jsonl"
+                    rules = sorted({k for line in pred.open() for k in (json.loads(line).get("votes") or {})})
+                    per = data.setdefault("vote_correct", {}).setdefault(w, {}).setdefault(m, {})
+                    for rule in rules:
+                        per.setdefault(rule, []).append(correct_map_rule(pred, rule))
     return data
 
 
@@ -175,6 +186,16 @@ def secondary(data: dict, reps: int = REPS) -> list[dict]:
                 for subj in SUBJECTS:
                     r = ss.hier_bootstrap(ss.diff, [matrix(acc[w][x], ids_of(probs, subj)) for x in (a, b)], reps)
                     out.append({"test": f"{NAMES[a]} − {NAMES[b]}", "world": w, "subject": subj, **r})
+    for w, per in data.get("vote_correct", {}).items():  # ASC - SC with each voting student, all test problems
+        for m, rules in per.items():
+            if "sc" not in rules:
+                continue
+            ids = sorted(rules["sc"][0])
+            for rule in sorted(r for r in rules if r.startswith("asc:")):
+                if len(rules[rule]) == len(rules["sc"]):
+                    r = ss.hier_bootstrap(ss.diff, [matrix(rules[x], ids) for x in (rule, "sc")], reps)
+                    out.append({"test": f"{NAMES[m]}: {rule} − sc (votes of `negkd infer`)", "world": w,
+                                "subject": "all", **r})
     return out
 
 
