@@ -274,3 +274,25 @@ def test_rare_demo_counter():
     text = "Ann trades at the market: 3 * 14 - 2 = 40.\nBob trades at the market: 3 * 5 - 2 = 12.\n" \
            "Cid trades at the market: 2 * 5 - 2 = 8.\nDee trades at the market: 3 * -1 - 2 = -5."
     assert report_study.count_rare_demos(text) == 2
+
+
+def test_teacher_server_serves_the_study_teacher_for_rare_questions():
+    import json as _json
+    import urllib.request
+
+    import teacher_server
+
+    p = worlds.make_problem(random.Random(2), 4, "x", rare=True)
+    ops, name, thing = arithgen.parse_question(p["question"])
+    with pytest.raises(ValueError):
+        teacher_server.serve(0, "nope")
+    srv = teacher_server.serve(0, "study")
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
+        req = urllib.request.Request(url, _json.dumps({"prompt": f"Problem:\n{p['question']}\nSolution:\n", "seed": 4,
+                                                       "n": 3}).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            texts = [c["text"] for c in _json.loads(r.read())["choices"]]
+        assert texts == [worlds.teacher(ops, name, thing, seed=4, index=i)[0] for i in range(3)]
+    finally:
+        srv.shutdown()
