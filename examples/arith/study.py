@@ -282,7 +282,8 @@ def train(method: str, seed: int, S: int, sdir: Path, P: dict, world: str, curve
     n = steps_of(method, S)
     every = max(1, S // CURVE_POINTS) if curve else 0
     c = ["--base-model", P["base"], "--lr", LR, "--max-steps", n, "--batch-size", t["batch"], "--grad-accum", 1,
-         "--seed", seed, "--max-length", t["max_length"], "--save-every", every, "--log-every", 25, "--device", "cpu"]
+         "--seed", seed, "--max-length", t["max_length"], "--save-every", every, "--log-every", 25, "--device", "cpu",
+         "--resume"]  # an interrupted step continues from its last checkpoint (or restarts when it has none)
     lora = ["--lora-r", t["lora_r"], "--lora-alpha", t["lora_alpha"]]
     lin = [*lora, "--target-modules", t["targets"]]
     if method == "gold":
