@@ -405,7 +405,7 @@ def main(argv=None) -> None:
     ap.add_argument("--world-seed", type=int, default=int(os.environ.get("WORLD_SEED", 0)),
                     help="seed of both worlds' splits (default: $WORLD_SEED or 0)")
     ap.add_argument("--worlds", default=",".join(worlds.WORLDS))
-    ap.add_argument("--steps", type=int, default=200, help="S: optimizer steps per method (CoT-KD-long: 2S)")
+    ap.add_argument("--steps", type=int, default=150, help="S: optimizer steps per method (CoT-KD-long: 2S); 150 fits make full in its budget (README)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--no-curves", action="store_true", help="skip the learning curves (seed 0)")
     ap.add_argument("--no-asc", action="store_true", help="skip SC vs ASC")
@@ -433,10 +433,11 @@ def main(argv=None) -> None:
     for s in seeds:
         for w in args.worlds.split(","):
             run_world_seed(w, s, args.steps, P, args.tag, methods, curves=not args.no_curves)
-    if not args.no_asc:
-        for s in seeds:
-            for w in args.asc_worlds.split(","):
-                asc(w, s, P, args.tag, methods)
+    if not args.no_asc:  # one chain per seed, JOBS side by side
+        jobs = [(w, s) for s in seeds for w in args.asc_worlds.split(",")]
+        with ThreadPoolExecutor(run.JOBS) as ex:
+            for f in [ex.submit(asc, w, s, P, args.tag, methods) for w, s in jobs]:
+                f.result()
     if not args.no_report:
         import report_study
 
