@@ -64,7 +64,8 @@ STUDY = run.WORK / "study"
 METHODS = ["gold", "cotkd", "cotkd_long", "mix", "nt", "ul", "neg", "nat", "natnull", "nce"]
 NEEDS_NEG_LOSS = {"nt": "--nt", "ul": "--ul"}  # flags of the product issue's baselines (issue 11)
 # Two chains run side by side (one torch thread each); a method waits for the ones it needs.
-CHAINS = (["neg", "nat", "natnull", "nce", "ul"], ["cotkd", "cotkd_long", "mix", "nt", "gold"])
+# Balanced by measured per-step cost (LoRA 0.34 s, NAT 0.9 s, NCE 0.75 s): ~2.6 S each in make full.
+CHAINS = (["neg", "nat", "nce", "ul", "gold"], ["cotkd", "mix", "natnull", "cotkd_long", "nt"])
 LR = 3e-3
 GATE_DIM = 16  # d_g, scaled to hidden 128 (method.md's 128 was for 4k-wide models)
 NEG_WEIGHT = 0.05
