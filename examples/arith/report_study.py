@@ -265,18 +265,24 @@ def plot_curves(curves: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     ws = [w for w in WORLDS if w in curves]
-    fig, axes = plt.subplots(1, max(1, len(ws)), figsize=(5.2 * max(1, len(ws)), 4), dpi=120, sharey=True,
+    fig, axes = plt.subplots(1, max(1, len(ws)), figsize=(5.4 * max(1, len(ws)), 4.6), dpi=120, sharey=True,
                              squeeze=False)
+    colors = dict(zip(NAMES, plt.get_cmap("tab10").colors))  # one colour per method in every panel
+    styles = {"cotkd_long": "--", "natnull": "--"}  # the controls dashed next to what they control
+    handles = {}
     for ax, w in zip(axes[0], ws):
         for m, pts in sorted(curves[w].items(), key=lambda kv: list(NAMES).index(kv[0])):
             x, y = zip(*sorted(pts))
-            ax.plot(x, y, marker="o", ms=3, label=NAMES[m])
+            (h,) = ax.plot(x, y, marker="o", ms=3, color=colors[m], ls=styles.get(m, "-"), label=NAMES[m])
+            handles[m] = h
         ax.set_title(f"{w} world: val accuracy (seed 0)", fontsize=10)
         ax.set_xlabel("optimizer steps of the method's own training")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val greedy accuracy %")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    order = [m for m in NAMES if m in handles]
+    fig.legend([handles[m] for m in order], [NAMES[m] for m in order], fontsize=8, loc="lower center",
+               ncol=min(5, len(order)), frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
