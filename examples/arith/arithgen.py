@@ -60,6 +60,8 @@ def _apply(op: list, x: int) -> int:
         return x + op[1] * op[2]
     if kind == "times":
         return x * op[1]
+    if kind == "market":  # the study's rare skill (worlds.py): a made-up exchange rule, never in pretraining
+        return 3 * x - 2
     raise ValueError(f"unknown op {kind!r}")
 
 
@@ -84,6 +86,8 @@ def _sentence(op: list, name: str, thing: str) -> str:
         return f"{name} gives away {op[1]} {thing}."
     if kind == "bags":
         return f"{name} buys {op[1]} bags with {op[2]} {thing} in each."
+    if kind == "market":
+        return f"{name} trades all {thing} at the market."
     if kind == "times":
         word = {2: "twice", 3: "three times"}[op[1]]
         return f"{name} ends up with {word} as many {thing} as before."
@@ -136,6 +140,8 @@ def _step_line(op: list, x: int, name: str, thing: str) -> tuple[str, int]:
     if kind == "bags":
         c = op[1] * op[2]
         return f"{name} buys {op[1]} * {op[2]} = {c} more: {x} + {c} = {y}.", y
+    if kind == "market":
+        return f"{name} trades at the market: 3 * {x} - 2 = {y}.", y
     return f"{name} now has {op[1]} times as many: {x} * {op[1]} = {y}.", y
 
 
@@ -205,6 +211,7 @@ _PATTERNS = [
     (re.compile(r"^(\w+) gives away (\d+) (\w+)\.$"), "sub"),
     (re.compile(r"^(\w+) buys (\d+) bags with (\d+) (\w+) in each\.$"), "bags"),
     (re.compile(r"^(\w+) ends up with (twice|three times) as many (\w+) as before\.$"), "times"),
+    (re.compile(r"^(\w+) trades all (\w+) at the market\.$"), "market"),
 ]
 _START = re.compile(r"(\w+) has (?:\d+ bags with \d+ \w+ in each|\d+ \w+)\.")
 _QUESTION = re.compile(r"How many (\w+) does (\w+) have now\?")
@@ -234,6 +241,8 @@ def parse_question(text: str) -> tuple[list[list], str, str] | None:
                     ops.append([kind, int(g[1])])
                 elif kind in ("bags0", "bags"):
                     ops.append([kind, int(g[1]), int(g[2])])
+                elif kind == "market":
+                    ops.append(["market"])
                 else:
                     ops.append(["times", 2 if g[1] == "twice" else 3])
                 break

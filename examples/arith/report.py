@@ -357,7 +357,7 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     L.append("```")
     L += [c.replace(str(HERE) + "/", "") for c in log]
     L.append("```")
-    out = out or HERE / "RESULTS.md"
+    out = out or HERE / "RESULTS-v1.md"
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(L) + "\n")
     tmp.replace(out)

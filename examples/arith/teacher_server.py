@@ -24,13 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arithgen import parse_question, teacher_rationale  # noqa: E402
 
 MODEL = "arith-teacher"
+TEACHERS = ("v1", "study")  # v1: arithgen.teacher_rationale; study: worlds.teacher (length-dependent errors)
 
 
-def complete(prompt: str, seed, n: int) -> list[str] | None:
+def complete(prompt: str, seed, n: int, kind: str = "v1") -> list[str] | None:
     parsed = parse_question(prompt)
     if parsed is None:
         return None
     ops, name, thing = parsed
+    if kind == "study":
+        import worlds
+
+        return [worlds.teacher(ops, name, thing, seed=seed, index=i)[0] for i in range(n)]
     return [teacher_rationale(ops, name, thing, seed=seed, index=i)[0] for i in range(n)]
 
 
@@ -76,7 +81,7 @@ class Handler(BaseHTTPRequestHandler):
             prompt = body.get("prompt", "")
             prompt = prompt[0] if isinstance(prompt, list) else str(prompt)
         n = int(body.get("n") or 1)
-        texts = complete(prompt, body.get("seed"), n)
+        texts = complete(prompt, body.get("seed"), n, self.server.teacher)  # type: ignore[attr-defined]
         if texts is None:
             return self._error(400, "no arithmetic problem found in the prompt")
         self.server.served += n  # type: ignore[attr-defined]
@@ -95,9 +100,12 @@ class Handler(BaseHTTPRequestHandler):
                          "usage": {"prompt_tokens": ptok, "completion_tokens": ctok, "total_tokens": ptok + ctok}})
 
 
-def serve(port: int = 0) -> ThreadingHTTPServer:
+def serve(port: int = 0, teacher: str = "v1") -> ThreadingHTTPServer:
     """Start the server in a daemon thread; ``srv.server_address[1]`` is the port; ``srv.shutdown()`` stops it."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r}; expected one of {TEACHERS}")
     srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    srv.teacher = teacher  # type: ignore[attr-defined]
     srv.daemon_threads = True
     srv.served = 0  # type: ignore[attr-defined]
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -108,8 +116,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Serve the synthetic arithmetic teacher on 127.0.0.1.")
     ap.add_argument("--port", type=int, default=0, help="port (0: a free one)")
     ap.add_argument("--url-file", type=Path, help="write the base URL (http://127.0.0.1:PORT/v1) here once listening")
+    ap.add_argument("--teacher", choices=TEACHERS, default="v1",
+                    help="v1: the original per-level slips (arithgen); study: worlds.teacher, whose per-step error "
+                         "rate grows with the problem's length and never depends on the skill")
     args = ap.parse_args(argv)
-    srv = serve(args.port)
+    srv = serve(args.port, args.teacher)
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     if args.url_file:
         tmp = args.url_file.with_suffix(".tmp")
