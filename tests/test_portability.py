@@ -47,7 +47,7 @@ def test_moved_run_dir_trains_on_with_base_model_override(tiny_model, tmp_path, 
     other = tmp_path / "other"
     from negkd.tiny import build_tiny_model
 
-    build_tiny_model(other, hidden=64)
+    build_tiny_model(other, hidden=64, heads=2)
     r = invoke(CliRunner(), [*nat, "-o", str(b / "nat-other"), "--base-model", str(other)])
     assert r.exit_code == 1 and "differs from the base" in r.output
 
