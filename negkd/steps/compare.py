@@ -330,6 +330,8 @@ def _print(result: dict) -> None:
             t.add_row(escape(m), _pct(sets[a]["overall"][m]), _pct(sets[b]["overall"][m]),
                       f"{_pp(v['diff'])} [{_pp(v['ci'][0])}, {_pp(v['ci'][1])}]", _p(v["p"]), _p(v["p_holm"]))
         out.print(t)
+        if c["not_compared"]:
+            out.print(f"not compared (reported by one set only): {escape(', '.join(c['not_compared']))}")
         if c["overlap"]:
             t = Table(title=f"solved sets: {escape(b)} vs {escape(a)}", caption="expected shared = P·pA·pB if "
                       "independent; kappa: agreement beyond chance", title_justify="left")
