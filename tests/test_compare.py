@@ -163,3 +163,15 @@ def test_bad_arguments(runner, tmp_path):
     r = runner.invoke(app, ["compare", str(a), str(a), "-o", str(tmp_path / "o"), "--pairs", "some"])
     assert r.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_metrics_one_set_lacks_are_not_compared(runner, tmp_path):
+    a = run_file(tmp_path / "a.jsonl", pattern(20, 0.5))
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({**json.loads(line), "decoding": "sampled"}) + "\n"
+                         for line in a.read_text().splitlines()))
+    r, res = compare(runner, a, b, "-o", tmp_path / "cmp", "--n-boot", 200)
+    assert r.exit_code == 0, r.output
+    c = res["comparisons"][0]
+    assert c["not_compared"] == ["first", "greedy"] and "greedy" not in c["overall"] and "maj@N" in c["overall"]
+    assert "not compared" in r.output
