@@ -2,6 +2,10 @@
 against a plain per-replicate loop (numpy, one replicate at a time), side by side in one run.
 
     python bench/compare.py [--problems 5000] [--seeds 3] [--metrics 8] [--n-boot 2000]
+
+Measured (2-core shared CPU, OMP_NUM_THREADS=1): bootstrap 0.64 s vectorised vs 6.62 s loop
+(10.3x); sign-flip test 0.92 s vectorised vs 0.65 s loop (0.7x: the per-flip matrix-vector loop
+is already BLAS-bound; the batched version pays for generating and converting the sign matrix).
 """
 
 from __future__ import annotations
