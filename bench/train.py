@@ -19,7 +19,7 @@ Targets (issue 4): negkd >= 3x the reference's tokens/s, < 10% padding.
 
 negkd against TRL's SFTTrainer + PEFT (fed negkd's exact batches, with a loss-parity check) and
 negkd with vs without --max-batch-tokens, at 512 real rationales and a hidden-512 LLaMA, each row
-in its own process for an honest peak RSS: ``bench/train_peer.py`` (needs ``pip install -e '.[bench]'``).
+in its own process for an honest peak RSS: ``bench/train_peer.py`` (needs ``pip install -e '.[trl]'``).
 
 Whole model at a 1B shape (issue 15), ``--whole-model``: a random LLaMA with hidden 2048
 (32 heads, MLP 5440; ``--wm-layers`` layers, vocab ``--wm-vocab``), LoRA / NAT on q_proj, v_proj

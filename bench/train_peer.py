@@ -265,7 +265,7 @@ def main() -> None:
     try:
         import trl  # noqa: F401
     except ImportError:
-        sys.exit("TRL is not installed: pip install -e '.[bench]'")
+        sys.exit("TRL is not installed: pip install -e '.[trl]'")
     from rich.console import Console
     from rich.table import Table
 

@@ -27,6 +27,8 @@ COMMANDS = [
     ("train-ranker", "train_ranker"),
     ("infer", "infer"),
     ("eval", "evaluate"),
+    ("compare", "compare"),
+    ("export", "export"),
 ]
 
 app = typer.Typer(
@@ -35,7 +37,7 @@ app = typer.Typer(
         "Distill chain-of-thought from a teacher LLM into a small student using the teacher's "
         "correct AND incorrect rationales.\n\n"
         "Pipeline: sample -> split -> train-neg -> train-pos (NAT) -> calibrate (NCE) -> "
-        "train-ranker + infer (SC/ASC) -> eval. Each step reads files or the previous step's "
+        "train-ranker + infer (SC/ASC) -> eval / compare; export writes TRL datasets and merged models. Each step reads files or the previous step's "
         "output directory and writes an output directory with manifest.json written last."
     ),
     no_args_is_help=True,

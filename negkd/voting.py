@@ -5,8 +5,13 @@ the answer is ``argmax V``. Candidates are grouped by mathematical equivalence (
 code grouped raw strings, which under-counts agreeing answers), using ``negkd.grading`` only:
 the cheap fast path first, math-verify only when the fast path cannot tell.
 
-Rules: unparseable candidates (``pred is None``) never vote; a tie goes to the group whose
-first member came first; each group is represented by its first member's answer string.
+Rules: unparseable candidates (``pred is None``) never vote; each group is represented by its
+first member's answer string; **a tie goes to the group whose first member came first** (the
+first candidate is the greedy / first sample, so a tie goes to the answer the model gave first,
+as ``collections.Counter.most_common`` does). This one rule is used everywhere a vote is
+counted: ``negkd infer`` writes its ``votes`` with ``vote``, and ``negkd eval`` / ``negkd
+compare`` score maj@N with ``winner`` on the same groups, so maj@N is always 0 or 1 per
+question and equals the accuracy of infer's ``sc`` vote (no fractional credit for ties).
 Everything here is pure: no I/O.
 """
 
@@ -81,19 +86,25 @@ def tally(
     return [(_key(preds[g[0]]), sum(w[i] for i in g), g) for g in group_answers(preds, equiv)]  # type: ignore[misc]
 
 
-def _top(t: list[tuple[str, float, list[int]]]) -> list[tuple[str, float, list[int]]]:
-    if not t:
-        return []
-    best = max(x[1] for x in t)
-    return [x for x in t if math.isclose(x[1], best, rel_tol=1e-12, abs_tol=1e-12)]
+def winner(totals: Sequence[float]) -> int | None:
+    """Index of the winning group given each group's total vote (groups in order of first
+    occurrence): the first of the groups tied for the most votes (totals within 1e-12 count as
+    tied, so float sums of ASC weights do not decide a tie by rounding); None when there is no
+    group. The one tie rule of negkd: ``vote`` (infer's votes) and maj@N (eval, compare) use it."""
+    if not totals:
+        return None
+    best = max(totals)
+    return next(i for i, t in enumerate(totals) if math.isclose(t, best, rel_tol=1e-12, abs_tol=1e-12))
 
 
 def vote(
     preds: Sequence[str | None], weights: Sequence[float] | None = None, equiv: Equiv | None = None
 ) -> str | None:
-    """The winning answer (its group's first member), or None when no candidate is parseable."""
-    top = _top(tally(preds, weights, equiv))
-    return top[0][0] if top else None
+    """The winning answer (its group's first member), or None when no candidate is parseable.
+    Ties go to the group that occurred first (``winner``)."""
+    t = tally(preds, weights, equiv)
+    i = winner([x[1] for x in t])
+    return None if i is None else t[i][0]
 
 
 def vote_accuracy(
@@ -103,13 +114,13 @@ def vote_accuracy(
     equiv: Equiv | None = None,
     correct: Callable[[str], bool] | None = None,
 ) -> float:
-    """Majority-vote accuracy with ties split fractionally: of the k groups tied for the most
-    votes, the share that is correct (1/k each). 0 when no candidate is parseable."""
-    top = _top(tally(preds, weights, equiv))
-    if not top:
+    """1.0 when the vote's winner (``vote``: ties to the first occurrence) is correct, else 0.0
+    (also when no candidate is parseable)."""
+    ans = vote(preds, weights, equiv)
+    if ans is None:
         return 0.0
     correct = correct or (lambda a: equivalent(a, gold))
-    return sum(1.0 for rep, _, _ in top if correct(rep)) / len(top)
+    return float(correct(ans))
 
 
 class BatchEquiv:

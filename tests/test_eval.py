@@ -53,7 +53,7 @@ def test_eval_metrics_side_by_side(runner, tmp_path):
     o = m["nat"]["overall"]
     assert o["records"] == 3
     assert o["greedy"] == pytest.approx(1 / 3)
-    assert o["maj@N"] == pytest.approx((1 + 0.5 + 0) / 3)  # r2 is a 2-2 tie: half credit
+    assert o["maj@N"] == pytest.approx((1 + 0 + 0) / 3)  # r2 is a 2-2 tie: "5" came first and wins
     assert o["pass@1"] == pytest.approx((0.5 + 0.5) / 3)
     assert o["pass@2"] == pytest.approx((5 / 6 + 5 / 6) / 3)
     assert o["pass@N"] == pytest.approx(2 / 3)
@@ -64,7 +64,7 @@ def test_eval_metrics_side_by_side(runner, tmp_path):
     assert m["nat"]["asc_overturns"]["asc:1"]["overturned"] == 0
     assert m["nat"]["unparseable_candidates"] == 3
     assert m["nat"]["by_subject"]["algebra"]["records"] == 2
-    assert m["nat"]["by_subject"]["geometry"]["maj@N"] == 0.5
+    assert m["nat"]["by_subject"]["geometry"]["maj@N"] == 0.0
     assert m["nat"]["by_level"]["2"]["greedy"] == 0.0
     b = m["cotkd"]["overall"]
     assert b["greedy"] == 1.0 and b["maj@N"] == 1.0 and "sc@N" not in b
@@ -103,3 +103,21 @@ def test_missing_and_malformed_files(runner, tmp_path):
     r = runner.invoke(app, ["eval", str(bad), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "not valid UTF-8" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_maj_at_n_breaks_ties_like_infer_votes(runner, tmp_path):
+    """One tie rule: eval's maj@N credits exactly the answer `voting.vote` (infer's sc vote) picks."""
+    from negkd.steps.infer import compute_votes
+
+    recs = []
+    for i, (preds, gold) in enumerate([(["7", "5", "5", "7"], "7"), (["5", "7", "7", "5"], "7"),
+                                       (["1", "2", "3"], "3"), (["3", "2", "1"], "3"), ([None, "4", "2"], "4")]):
+        recs.append({"id": f"t{i}", "question": "q", "answer": gold, "candidates": [cand(p) for p in preds],
+                     "votes": compute_votes(preds, None)})
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["eval", str(write(tmp_path / "ties.jsonl", recs)), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    o = json.loads((out / "metrics.json").read_text())["files"]["ties"]["overall"]
+    assert [rec["votes"]["sc"] for rec in recs] == ["7", "5", "1", "3", "4"]
+    assert o["sc@N"] == pytest.approx(3 / 5)
+    assert o["maj@N"] == o["sc@N"]  # was (0.5 + 0.5 + 1/3 + 1/3 + 0.5) / 5 with fractional ties

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from negkd.voting import ASC_WEIGHTS, BatchEquiv, asc_weights, group_answers, tally, vote, vote_accuracy
+from negkd.voting import ASC_WEIGHTS, BatchEquiv, asc_weights, group_answers, tally, vote, vote_accuracy, winner
 
 
 def test_equivalent_answers_vote_together():
@@ -46,9 +46,11 @@ def test_asc_weight_functions():
         vote(["1", "2"], [1.0])
 
 
-def test_majority_accuracy_splits_ties_fractionally():
-    assert vote_accuracy(["4", "5"], "4") == 0.5
-    assert vote_accuracy(["4", "5", "6"], "4") == pytest.approx(1 / 3)
+def test_majority_accuracy_uses_the_same_tie_rule_as_vote():
+    assert vote_accuracy(["4", "5"], "4") == 1.0 and vote_accuracy(["5", "4"], "4") == 0.0
+    assert vote_accuracy(["6", "4", "5"], "4") == 0.0
+    assert winner([2.0, 3.0, 3.0]) == 1 and winner([]) is None
+    assert winner([0.1 + 0.2, 0.3]) == 0  # float sums within 1e-12 are a tie, not decided by rounding
     assert vote_accuracy(["4", "4.0", "5"], "4") == 1.0
     assert vote_accuracy(["5", "5", "4"], "4") == 0.0
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from math import comb
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UserError
+from negkd.metrics import pass_at_k  # noqa: F401  (re-exported: the estimator lives in negkd.metrics)
 
 
 def command(
@@ -33,58 +31,35 @@ def command(
     """Score predictions against their gold answers, overall, per subject and per level.
 
     Metrics: greedy (the first candidate; called "first" when `negkd infer` sampled it), maj@N (majority vote over all N candidates, answers
-    grouped by mathematical equivalence, ties split fractionally), pass@k (unbiased estimator;
+    grouped by mathematical equivalence; a tie goes to the answer that occurred first, the same rule as `negkd infer`'s votes, so maj@N equals sc@N), pass@k (unbiased estimator;
     k = 1, N and any --k; a record with n < k candidates counts as pass@n), and, when records
     carry "votes" from `negkd infer`, the accuracy of each voting rule (sc@N, asc@N[w] for
     w = 1, 1+2s, 1+s, s) and how often each ASC rule overturned the plain majority, rightly or
-    wrongly. Grading is the same as `negkd split` (one implementation).
+    wrongly. Grading is the same as `negkd split`, scoring the same as `negkd compare` (negkd/metrics.py).
 
     Example: negkd eval infer-nat/ infer-cotkd/ -o eval/
     """
     from negkd.console import log
-    from negkd.grading import extract_answer, judge_many
     from negkd.io import RunDir, resolve_input
+    from negkd.metrics import aggregate, labels, score_files
     from negkd.schemas import read_predictions
-    from negkd.voting import BatchEquiv
 
     paths = [resolve_input(p, ["predictions.jsonl"], produced_by="infer") for p in predictions]
     ks = sorted({1, *(k or [])})
     run = RunDir(output, "eval", {"k": ks}, inputs=paths, overwrite=overwrite)
     if run.up_to_date():
         return
-    labels = _labels(paths)
+    names = labels(paths)
     files = [read_predictions(p) for p in paths]  # validates every record before any output
     for path, recs in zip(paths, files):
         log(f"read {len(recs):,} predictions from {path}")
-
-    # every candidate's answer (the stored pred; re-extracted only where a rationale has none)
-    preds = [[c["pred"] if c.get("pred") is not None or not isinstance(c.get("rationale"), str)
-              else extract_answer(c["rationale"]) for c in r["candidates"]] for recs in files for r in recs]
-    preds = [[None if p is None else str(p) for p in ps] for ps in preds]
-    recs_all = [r for recs in files for r in recs]
-    pairs = {(p, r["answer"]) for r, ps in zip(recs_all, preds) for p in ps if p is not None}
-    pairs |= {(v, r["answer"]) for r in recs_all for v in _votes(r).values() if v is not None}
-    pairs = sorted(pairs)
-    gstats: dict = {}
-    verdict = dict(zip(pairs, judge_many(pairs, workers, stats=gstats)))
-    equiv = BatchEquiv(workers)
-    groups = equiv.group_all(preds)
-    equiv.settle((a, v["sc"]) for r in recs_all if (v := _votes(r)).get("sc") is not None
-                 for rule, a in v.items() if rule.startswith("asc:") and a is not None)
+    rows, gstats = score_files(files, ks, workers)
     log(f"graded {gstats.get('unique', 0):,} distinct (answer, gold) pairs "
-        f"({gstats.get('math_verify', 0):,} by math-verify); grouped answers of {len(preds):,} records")
-
-    def ok(ans: str | None, gold: str) -> bool:
-        return ans is not None and verdict[(ans, gold)]
+        f"({gstats.get('math_verify', 0):,} by math-verify); grouped answers of {gstats['records']:,} records")
 
     metrics: dict = {"files": {}}
-    i = 0
-    for label, path, recs in zip(labels, paths, files):
-        rows = []
-        for r in recs:
-            rows.append(_score(r, preds[i], groups[i], ks, ok, equiv))
-            i += 1
-        metrics["files"][label] = _aggregate(path, recs, rows, ks)
+    for label, path, recs, part in zip(names, paths, files, rows):
+        metrics["files"][label] = aggregate(path, recs, part)
     run.start()
     try:
         run.write_json("metrics.json", metrics)
@@ -94,117 +69,6 @@ def command(
         raise
     _print(metrics)
     log(f"wrote {output}/metrics.json")
-
-
-def _labels(paths: list[Path]) -> list[str]:
-    out: list[str] = []
-    for p in paths:
-        name = p.parent.name if p.name.startswith("predictions.jsonl") else p.name.split(".")[0]
-        name = name or str(p)
-        base, n = name, 2
-        while name in out:
-            name, n = f"{base}#{n}", n + 1
-        out.append(name)
-    return out
-
-
-def _votes(r: dict) -> dict:
-    v = r.get("votes")
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise UserError(f"record {r.get('id')!r}: 'votes' must be an object of rule -> answer")
-    return {str(key): (None if a is None else str(a)) for key, a in v.items()}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k); k > n is read as k = n."""
-    k = min(k, n)
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
-
-
-def _score(r: dict, preds: list, groups: list[list[int]], ks: list[int], ok, equiv) -> dict:
-    gold = r["answer"]
-    n = len(preds)
-    correct = [ok(p, gold) for p in preds]
-    c = sum(correct)
-    # the first candidate is "greedy" unless infer says it was sampled (then it is called "first")
-    first = "first" if r.get("decoding") == "sampled" else "greedy"
-    out = {first: float(correct[0]), "n": n, "unparseable": sum(p is None for p in preds)}
-    # majority vote over equivalence groups; the k groups tied at the top share the credit
-    if groups:
-        best = max(len(g) for g in groups)
-        top = [g for g in groups if len(g) == best]
-        out["maj@N"] = sum(correct[g[0]] for g in top) / len(top)
-    else:
-        out["maj@N"] = 0.0
-    for k in ks:
-        out[f"pass@{k}"] = pass_at_k(n, c, k)
-    out["pass@N"] = float(c > 0)
-    votes = _votes(r)
-    for rule, ans in votes.items():
-        out[_vote_metric(rule)] = float(ok(ans, gold))
-    if "sc" in votes:
-        sc = votes["sc"]
-        for rule, ans in votes.items():
-            if not rule.startswith("asc:"):
-                continue
-            same = (ans is None and sc is None) or (ans is not None and sc is not None and (ans == sc or equiv(ans, sc)))
-            if not same:
-                a_ok, s_ok = ok(ans, gold), ok(sc, gold)
-                out.setdefault("overturns", {})[rule] = "right" if a_ok and not s_ok else "wrong" if s_ok and not a_ok else "neither"
-            else:
-                out.setdefault("overturns", {})[rule] = None
-    return out
-
-
-def _vote_metric(rule: str) -> str:
-    if rule == "sc":
-        return "sc@N"
-    if rule.startswith("asc:"):
-        return f"asc@N[{rule[4:]}]"
-    return f"vote[{rule}]"
-
-
-def _mean(rows: list[dict]) -> dict:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys and k not in ("n", "unparseable", "overturns")]
-    out: dict = {"records": len(rows)}
-    for key in keys:
-        vals = [r[key] for r in rows if key in r]
-        out[key] = round(sum(vals) / len(vals), 6) if vals else None
-        if len(vals) != len(rows):
-            out[f"{key}:records"] = len(vals)
-    return out
-
-
-def _aggregate(path: Path, recs: list[dict], rows: list[dict], ks: list[int]) -> dict:
-    by_subject: dict[str, list[dict]] = defaultdict(list)
-    by_level: dict[str, list[dict]] = defaultdict(list)
-    for rec, row in zip(recs, rows):
-        by_subject[str(rec.get("subject") or rec.get("type") or "-")].append(row)
-        by_level[str(rec.get("level", "-"))].append(row)
-    overturns: dict[str, dict] = {}
-    for row in rows:
-        for rule, what in row.get("overturns", {}).items():
-            o = overturns.setdefault(rule, {"records": 0, "overturned": 0, "right": 0, "wrong": 0, "neither": 0})
-            o["records"] += 1
-            if what is not None:
-                o["overturned"] += 1
-                o[what] += 1
-    ns = [row["n"] for row in rows]
-    return {
-        "path": str(path),
-        "candidates": {"min": min(ns), "max": max(ns)},
-        "unparseable_candidates": sum(row["unparseable"] for row in rows),
-        "overall": _mean(rows),
-        "by_subject": {k: _mean(v) for k, v in sorted(by_subject.items())},
-        "by_level": {k: _mean(v) for k, v in sorted(by_level.items())},
-        "asc_overturns": overturns,
-    }
 
 
 def _pct(x) -> str:
