@@ -172,6 +172,7 @@ def test_no_calibration_is_plain_kd_and_gold_from_a_split_dir(pipe, tmp_path):
     split.mkdir()
     _write(split / "pos.jsonl", _rows(10, True))
     _write(split / "neg.jsonl", _rows(12, False))
+    (split / "manifest.json").write_text('{"command": "split"}\n')
     out = tmp_path / "kd"
     _ok(["calibrate", str(split), "-o", str(out), "--nat", str(pipe["nat"]), "--max-steps", "2", "--with-gold",
          "--no-calibration", "--kd-weight", "1.0", "--beta-offset", "1.0", *FAST])

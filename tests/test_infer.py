@@ -347,6 +347,7 @@ def test_end_to_end_adapter_infer_then_eval(runner, tmp_path, tiny_model):
     ad = make_adapter(tiny_model, tmp_path / "adapter")
     split = tmp_path / "split"
     split.mkdir()
+    (split / "manifest.json").write_text('{"command": "split"}\n')
     rng = random.Random(0)
     for name, ok in (("pos.jsonl", True), ("neg.jsonl", False)):
         with open(split / name, "w") as fh:

@@ -34,6 +34,7 @@ def write_split(d, n=40, seed=0):
                     "pred": str(a + b + 1), "correct": False})
     for name, rows in (("pos.jsonl", pos), ("neg.jsonl", neg)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "manifest.json").write_text('{"command": "split"}\n')  # a finished `negkd split` directory
     return d
 
 

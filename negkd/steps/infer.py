@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UserError, choice
+from negkd.errors import UsageError, UserError, choice
 from negkd.schemas import FORMATS
 
 PROBLEM_FORMATS = tuple(f for f in FORMATS if f != "predictions")
@@ -145,36 +145,41 @@ def command(
 
     # ---- validate every flag before touching the output directory
     if format not in FORMATS:
-        raise UserError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if asc_weight not in ASC_NAMES:
-        raise UserError(f"--asc-weight {asc_weight!r}: expected one of {', '.join(ASC_NAMES)}")
+        raise UsageError(f"--asc-weight {asc_weight!r}: expected one of {', '.join(ASC_NAMES)}")
     if greedy:
         n = 1
     if n < 1:
-        raise UserError(f"--n {n}: must be >= 1")
+        raise UsageError(f"--n {n}: must be >= 1")
     if not greedy and not temperature > 0:
-        raise UserError(f"--temperature {temperature}: must be > 0 (use --greedy for argmax decoding)")
+        raise UsageError(f"--temperature {temperature}: must be > 0 (use --greedy for argmax decoding)")
     if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+        raise UsageError(f"--top-p {top_p}: must be in (0, 1]")
     if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     if ranker_batch_size < 1:
-        raise UserError(f"--ranker-batch-size {ranker_batch_size}: must be >= 1")
+        raise UsageError(f"--ranker-batch-size {ranker_batch_size}: must be >= 1")
     if concurrency < 1:
-        raise UserError(f"--concurrency {concurrency}: must be >= 1")
+        raise UsageError(f"--concurrency {concurrency}: must be >= 1")
     if not timeout > 0:
-        raise UserError(f"--timeout {timeout}: must be > 0")
+        raise UsageError(f"--timeout {timeout}: must be > 0")
     if max_retries < 0:
-        raise UserError(f"--max-retries {max_retries}: must be >= 0")
+        raise UsageError(f"--max-retries {max_retries}: must be >= 0")
     if backoff < 0:
-        raise UserError(f"--backoff {backoff}: must be >= 0")
+        raise UsageError(f"--backoff {backoff}: must be >= 0")
     if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be >= 1")
+        raise UsageError(f"--limit {limit}: must be >= 1")
     shard_k, shard_n = parse_shard(shard)
 
-    # ---- what the student is
+    # ---- what the student is (its directories checked now: no model loads from a damaged one)
+    from negkd.validate import check_model_dir
+
+    for d in (model, adapter):
+        if d is not None:
+            check_model_dir(d, "--adapter" if d is adapter else "--model")
     spec = _resolve_student(model, adapter)
     if backend is not Backend.hf and spec["kind"] == "nat":
         raise UserError(f"{model}: a NAT checkpoint runs only on --backend hf (no stock server can run the "
@@ -215,6 +220,7 @@ def command(
     run = RunDir(output, "infer", args, inputs=inputs, overwrite=overwrite)
     if run.up_to_date():
         return
+    run.lock()  # before _prepare_resume may cut a torn line off predictions.jsonl
     done_ids = _prepare_resume(run, overwrite, {p["id"] for p in probs})
     pending = [p for p in probs if p["id"] not in done_ids]
 
@@ -262,7 +268,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
         return 0, 1
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
     if not m:
-        raise UserError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shard K of N, 0 <= K < N)")
+        raise UsageError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shard K of N, 0 <= K < N)")
     k, n_ = int(m.group(1)), int(m.group(2))
     if n_ < 1 or not 0 <= k < n_:
         raise UserError(f"--shard {spec!r}: need 0 <= K < N")

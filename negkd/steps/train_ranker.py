@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from negkd import train_options as T
-from negkd.errors import UserError
+from negkd.errors import UsageError, UserError
 
 VAL_METRICS = "val_metrics.json"
 _RANK = "Ranker"
@@ -95,19 +95,19 @@ def command(
     from negkd.prompts import load_template
 
     if loss not in ("pairwise", "bce"):
-        raise UserError(f"--loss {loss!r}: expected pairwise or bce")
+        raise UsageError(f"--loss {loss!r}: expected pairwise or bce")
     if not loss_power > 0:
-        raise UserError(f"--loss-power {loss_power}: must be > 0")
+        raise UsageError(f"--loss-power {loss_power}: must be > 0")
     if pairs_per_question < 1:
-        raise UserError(f"--pairs-per-question {pairs_per_question}: must be >= 1")
+        raise UsageError(f"--pairs-per-question {pairs_per_question}: must be >= 1")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+        raise UsageError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if head_dim < 1:
-        raise UserError(f"--head-dim {head_dim}: must be >= 1")
+        raise UsageError(f"--head-dim {head_dim}: must be >= 1")
     if not 0 <= head_dropout < 1:
-        raise UserError(f"--head-dropout {head_dropout}: must be in [0, 1)")
+        raise UsageError(f"--head-dropout {head_dropout}: must be in [0, 1)")
     if score_batch_size < 1:
-        raise UserError(f"--score-batch-size {score_batch_size}: must be >= 1")
+        raise UsageError(f"--score-batch-size {score_batch_size}: must be >= 1")
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                          seed=seed, save_every=save_every, log_every=log_every)
