@@ -78,6 +78,7 @@ def _wrap(fn):
 
         try:
             _check_finite(kwargs)
+            _check_output(kwargs)
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume (training commands: add --resume)", code=130)
@@ -92,6 +93,17 @@ def _wrap(fn):
             release_locks()
 
     return run
+
+
+def _check_output(kwargs: dict) -> None:
+    """-o naming an existing file: refused before any input is read or model loaded."""
+    from pathlib import Path
+
+    from negkd.errors import UserError
+
+    out = kwargs.get("output")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory; choose another -o/--output")
 
 
 def _check_finite(kwargs: dict) -> None:

@@ -50,6 +50,11 @@ def check_model_dir(name) -> None:
     check(name)
 
 
+def check_model_path(name: str) -> None:
+    """A local-looking name must be a model directory with a config.json (a hub id passes)."""
+    _check_exists(str(name))
+
+
 def _check_exists(name: str) -> None:
     p = Path(name)
     looks_local = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1

@@ -141,11 +141,11 @@ def train_config(*, batch_size: int, grad_accum: int, epochs: float, max_steps: 
     from negkd.training import TrainConfig
 
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     if grad_accum < 1:
-        raise UserError(f"--grad-accum {grad_accum}: must be >= 1")
+        raise UsageError(f"--grad-accum {grad_accum}: must be >= 1")
     if max_steps is not None and max_steps < 1:
-        raise UserError(f"--max-steps {max_steps}: must be >= 1")
+        raise UsageError(f"--max-steps {max_steps}: must be >= 1")
     if max_steps is None and not epochs > 0:
         raise UsageError(f"--epochs {epochs}: must be > 0")
     if not lr > 0:

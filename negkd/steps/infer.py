@@ -202,6 +202,10 @@ def command(
         probs = probs[shard_k::shard_n]
     if not probs:
         raise UserError(f"{path}: no problems selected (check --limit / --shard)")
+    from negkd.prompts import render
+
+    for p in probs:  # a template naming a missing field fails now, before any model or state file
+        render(tmpl, p)
 
     ranker_dir = Path(ranker) if ranker is not None else None
     if ranker_dir is not None:
@@ -222,7 +226,6 @@ def command(
         return
     run.lock()  # before _prepare_resume may cut a torn line off predictions.jsonl
     done_ids = _prepare_resume(run, overwrite, {p["id"] for p in probs})
-    pending = [p for p in probs if p["id"] not in done_ids]
 
     # ---- load (before writing anything new), then generate
     gen = _make_backend(backend, spec, base_url=base_url, served_model=served_model,
@@ -243,10 +246,10 @@ def command(
     _write_state(run)
     if done_ids:
         log(f"{output}: resuming; {len(done_ids)} of {len(probs)} problems already done")
-    stats = _run(gen, pending, run.out / PREDICTIONS, tmpl=tmpl, chat=chat, n=n, greedy=greedy,
+    stats = _run(gen, probs, run.out / PREDICTIONS, tmpl=tmpl, chat=chat, n=n, greedy=greedy,
                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                  batch_size=batch_size, scorer=scorer, ranker_batch_size=ranker_batch_size,
-                 asc_weight=asc_weight, total=len(probs), already=len(done_ids))
+                 asc_weight=asc_weight, total=len(probs), already=len(done_ids), done=frozenset(done_ids))
     if stats["failed"]:
         reasons = "; ".join(sorted({r for _, r in gen.failed}))[:300]
         raise UserError(f"{len(stats['failed'])} problems got no answer from the server ({reasons}); the "
@@ -596,8 +599,17 @@ class _OpenAI:
 # --------------------------------------------------------------------------- the loop
 
 
-def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, temperature, top_p, max_new_tokens,
-         seed, batch_size, scorer, ranker_batch_size, asc_weight, total, already) -> dict:
+def _run(gen, probs: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, temperature, top_p, max_new_tokens,
+         seed, batch_size, scorer, ranker_batch_size, asc_weight, total, already, done: frozenset = frozenset()) -> dict:
+    """Generate every problem of ``probs`` whose id is not in ``done`` and append its record.
+
+    Seeds depend only on a problem's position in ``probs`` (the full, fixed selection), never on
+    what an earlier, interrupted run finished, so a resumed run writes exactly what an
+    uninterrupted one would. Windows of problems are cut from ``probs``; a backend with per-prompt
+    seeds (vLLM, OpenAI: ``seed + i``) gets each contiguous stretch of unfinished problems with
+    its own offset; the hf backend samples a whole call from one RNG stream, so a window that an
+    interrupted run left half-done is generated again in full and only its missing problems are
+    written (at most one window of repeated work per resume)."""
     import os
     import time
 
@@ -614,52 +626,60 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
     # written as each problem completes, so at most one window is lost on a kill.
     per_call = max(1, batch_size // n) if n <= batch_size else 1
     window = getattr(gen, "window", None) or max(1, per_call * 8)
+    coupled = getattr(gen, "name", "") == "hf"  # one RNG stream per generate call
     t_start = time.perf_counter()
     with open(pred_path, "a", encoding="utf-8") as fh, progress() as prog:
         task = prog.add_task("infer", total=total)
         if already:
             prog.update(task, completed=already)
-        for w in range(0, len(pending), window):
-            chunk = pending[w: w + window]
-            # a server applies its own chat template (openai backend): send the rendered user turn
-            prompts = [build_prompt(p, tmpl, gen.tokenizer, chat and not getattr(gen, "server_chat", False))
-                       for p in chunk]
-            t_gen = time.perf_counter()
-            n_failed = len(getattr(gen, "failed", []))
-
-            def on_tokens(seqs: int, tokens: int) -> None:
-                tok["seq"] += seqs
-                tok["tokens"] += tokens
-
-            for i, gens in gen.generate(prompts, n=n, greedy=greedy, temperature=temperature, top_p=top_p,
-                                        max_new_tokens=max_new_tokens, seed=seed + w, batch_size=batch_size,
-                                        chat=chat, on_tokens=on_tokens):
-                tok["gen_s"] += time.perf_counter() - t_gen
-                p = chunk[i]
-                cands = [{"rationale": g.text, "pred": extract_answer(g.text), "tokens": g.n_tokens,
-                          "finished": g.finished} for g in gens]
-                if scorer is not None:
-                    scores = scorer.score([p["question"]] * len(cands), [c["rationale"] for c in cands],
-                                          batch_size=ranker_batch_size)
-                    for c, s in zip(cands, scores):
-                        c["score"] = round(float(s), 6)
-                votes = compute_votes([c["pred"] for c in cands],
-                                      [c["score"] for c in cands] if scorer is not None else None)
-                rec = {**problem_fields(p), "decoding": "greedy" if greedy else "sampled", "candidates": cands,
-                       "votes": votes}
-                if scorer is not None and votes[f"asc:{asc_weight}"] != votes["sc"]:
-                    stats["asc_overturned"] += 1
-                fh.write(dumps(rec) + "\n")
-                fh.flush()
-                stats["problems"] += 1
-                stats["candidates"] += len(cands)
-                stats["unparseable"] += sum(c["pred"] is None for c in cands)
-                stats["unfinished"] += sum(not c["finished"] for c in cands)
-                stats["tokens"] += sum(c["tokens"] for c in cands)
-                rate = tok["tokens"] / tok["gen_s"] if tok["gen_s"] > 0 else 0.0
-                prog.update(task, advance=1, description=f"infer ({rate:,.0f} tok/s)")
+        for w in range(0, len(probs), window):
+            full = probs[w: w + window]
+            todo = [i for i, p in enumerate(full) if p["id"] not in done]
+            if not todo:
+                continue
+            for off, chunk in ([(0, full)] if coupled else _stretches(todo, full)):
+                # a server applies its own chat template (openai backend): send the rendered user turn
+                prompts = [build_prompt(p, tmpl, gen.tokenizer, chat and not getattr(gen, "server_chat", False))
+                           for p in chunk]
                 t_gen = time.perf_counter()
-            failed_ids.extend(chunk[i]["id"] for i, _ in getattr(gen, "failed", [])[n_failed:])
+                n_failed = len(getattr(gen, "failed", []))
+
+                def on_tokens(seqs: int, tokens: int) -> None:
+                    tok["seq"] += seqs
+                    tok["tokens"] += tokens
+
+                for i, gens in gen.generate(prompts, n=n, greedy=greedy, temperature=temperature, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, seed=seed + w + off,
+                                            batch_size=batch_size, chat=chat, on_tokens=on_tokens):
+                    tok["gen_s"] += time.perf_counter() - t_gen
+                    p = chunk[i]
+                    if p["id"] in done:  # regenerated only to replay the window's RNG stream
+                        t_gen = time.perf_counter()
+                        continue
+                    cands = [{"rationale": g.text, "pred": extract_answer(g.text), "tokens": g.n_tokens,
+                              "finished": g.finished} for g in gens]
+                    if scorer is not None:
+                        scores = scorer.score([p["question"]] * len(cands), [c["rationale"] for c in cands],
+                                              batch_size=ranker_batch_size)
+                        for c, s in zip(cands, scores):
+                            c["score"] = round(float(s), 6)
+                    votes = compute_votes([c["pred"] for c in cands],
+                                          [c["score"] for c in cands] if scorer is not None else None)
+                    rec = {**problem_fields(p), "decoding": "greedy" if greedy else "sampled", "candidates": cands,
+                           "votes": votes}
+                    if scorer is not None and votes[f"asc:{asc_weight}"] != votes["sc"]:
+                        stats["asc_overturned"] += 1
+                    fh.write(dumps(rec) + "\n")
+                    fh.flush()
+                    stats["problems"] += 1
+                    stats["candidates"] += len(cands)
+                    stats["unparseable"] += sum(c["pred"] is None for c in cands)
+                    stats["unfinished"] += sum(not c["finished"] for c in cands)
+                    stats["tokens"] += sum(c["tokens"] for c in cands)
+                    rate = tok["tokens"] / tok["gen_s"] if tok["gen_s"] > 0 else 0.0
+                    prog.update(task, advance=1, description=f"infer ({rate:,.0f} tok/s)")
+                    t_gen = time.perf_counter()
+                failed_ids.extend(chunk[i]["id"] for i, _ in getattr(gen, "failed", [])[n_failed:])
         fh.flush()
         os.fsync(fh.fileno())
     wall = time.perf_counter() - t_start
@@ -669,6 +689,17 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
                  tokens_per_s=round(stats["tokens"] / gen_s, 2) if gen_s > 0 else None,
                  candidates_per_s=round(stats["candidates"] / gen_s, 3) if gen_s > 0 else None)
     return stats
+
+
+def _stretches(todo: list[int], full: list[dict]) -> list[tuple[int, list[dict]]]:
+    """Maximal runs of consecutive indices in ``todo`` as ``(first index, problems)``."""
+    out: list[tuple[int, list[dict]]] = []
+    for i in todo:
+        if out and out[-1][0] + len(out[-1][1]) == i:
+            out[-1][1].append(full[i])
+        else:
+            out.append((i, [full[i]]))
+    return out
 
 
 def compute_votes(preds: list[str | None], scores: list[float] | None) -> dict:

@@ -25,7 +25,7 @@ import typer
 
 from negkd.console import log, warn
 from negkd.errors import UserError, choice
-from negkd.io import RunDir, atomic_write_text, dumps, resolve_input
+from negkd.io import RUNNING, RunDir, atomic_write_text, dumps, resolve_input
 from negkd.schemas import FORMATS
 
 SAMPLES = "samples.jsonl"
@@ -232,7 +232,7 @@ def _discard_if_empty(out: Path, created: bool) -> None:
     files = [out / SAMPLES, out / ERRORS]
     if (out / "manifest.json").exists() or any(f.exists() and f.stat().st_size for f in files):
         return
-    for f in files + [out / STATE, out / LOCK]:
+    for f in files + [out / STATE, out / LOCK, out / RUNNING]:
         f.unlink(missing_ok=True)
     if created:
         try:

@@ -115,7 +115,8 @@ def command(
     T.check_max_length(max_length)
     tmpl = load_template(template)
 
-    # ---- data (validated before anything is loaded or written)
+    # ---- data and backbone directory (validated before anything is loaded or written)
+    backbone = _resolve_backbone(base_model)
     paths, rows = read_graded_inputs(graded)
     questions = group_by_question(rows, with_gold)
     usable = [q for q in questions.values() if q["pos"] and q["neg"]]
@@ -127,7 +128,6 @@ def command(
     log(f"ranker data: {len(rows):,} rationales, {len(questions):,} questions ({len(usable):,} with both a positive "
         f"and a negative); {len(train_qs):,} train questions -> {len(pairs):,} pairs; {len(val_qs):,} held out")
 
-    backbone = _resolve_backbone(base_model)
     from negkd.training import check_resume, fit, make_accelerator, model_device, open_run
 
     acc = make_accelerator(device)
@@ -335,9 +335,14 @@ def evaluate(scorer, val_qs: list[dict], batch_size: int = 32) -> dict:
 
 def _resolve_backbone(name: str) -> str:
     from negkd.generation import model_kind, recorded_base
+    from negkd.validate import check_model_dir
 
+    check_model_dir(name, "--base-model")  # damaged or unfinished: refused before anything loads
     if model_kind(name) in ("adapter", "nat"):
         return recorded_base(name)
+    from negkd.modeling import check_model_path
+
+    check_model_path(name)
     return name
 
 
