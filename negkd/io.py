@@ -479,6 +479,7 @@ class RunDir:
     def up_to_date(self) -> bool:
         """True (and says so) when a finished run with the same command, arguments and
         input contents is already in ``out``; never with ``--overwrite``."""
+        self.lock()  # held from the first look: a concurrent command in DIR is refused before any work
         if self.overwrite:
             return False
         prev = self.previous()

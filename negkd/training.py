@@ -534,9 +534,12 @@ def safe_torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused: not a tensors-only checkpoint file ({first[:200]}); it is damaged, "
-                        "was written by an older negkd, or was tampered with. Pass --overwrite to start over") from None
+        import re
+
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = f"it would build {m.group(1)}" if m else type(e).__name__
+        raise UserError(f"{path}: refused: not a tensors-only checkpoint file ({why}); it is damaged, was written "
+                        "by an older negkd, or was tampered with. Pass --overwrite to start over") from None
 
 
 def verify_checkpoint(ck: Path) -> None:
