@@ -433,7 +433,7 @@ def save(model: nn.Module, out: Path, cfg: NATConfig, meta: dict | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "version": 1, "nat": asdict(cfg), **(meta or {})}
-    (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def read_config(nat_dir: Path) -> dict:

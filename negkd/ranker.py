@@ -279,7 +279,7 @@ def save(model, out: Path, tokenizer, config: dict) -> None:
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()},
               str(out / HEAD))
     tokenizer.save_pretrained(str(out))
-    (out / CONFIG).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2) + "\n",
+    (out / CONFIG).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2, allow_nan=False) + "\n",
                               encoding="utf-8")
 
 

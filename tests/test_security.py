@@ -90,17 +90,19 @@ def test_a_clean_checkpoint_still_resumes(runner, finished, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["resumed_from"] == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_a_damaged_checkpoint_tensor_file_is_one_line(runner, finished, tmp_path, damage):
+@pytest.mark.parametrize("name, damage", [("trainable.safetensors", "truncate"), ("trainable.safetensors", "garbage"),
+                                          ("trainer_state.json", "truncate"), ("trainer_state.json", "garbage"),
+                                          ("scheduler.pt", "truncate")])
+def test_a_damaged_checkpoint_file_is_one_line(runner, finished, tmp_path, name, damage):
     split, src, model = finished
     out = tmp_path / "neg"
     shutil.copytree(src, out)
-    f = sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"
+    f = sorted((out / "checkpoints").glob("step-*"))[-1] / name
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
     manifest = (out / "manifest.json").read_text()
     line = _one_line_error(_resume(runner, split, out, model))
-    assert "trainable.safetensors" in line
+    assert name in line
     assert (out / "manifest.json").read_text() == manifest
 
 

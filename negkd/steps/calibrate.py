@@ -483,7 +483,7 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
 
     def save_ckpt(m, d: Path) -> None:  # each checkpoint is a usable adapter too
         lora.save_adapter(m, d)
-        (Path(d) / recipe.META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+        (Path(d) / recipe.META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                                                 encoding="utf-8")
 
     res = fit(student, examples, config=cfg, out_dir=out, collate_fn=Collator(tok.pad_token_id),
@@ -501,7 +501,7 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
                      "final_loss": res.history[-1]["loss"] if res.history else None, **asdict(cfg)}
     lora.save_adapter(res.model, scratch)
     tok.save_pretrained(str(scratch))
-    atomic_write_text(scratch / recipe.META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(scratch / recipe.META_NAME, json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     for f in sorted(scratch.iterdir()):
         os.replace(f, run.tmp(f.name))
         run.record_output(f.name)

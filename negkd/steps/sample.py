@@ -458,7 +458,7 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
         log(f"{out}: re-attempting the {len(errs)} failed samples of the finished run")
     _check_partial(out, run)
     run.start()
-    atomic_write_text(out / STATE, json.dumps({"args": run.args, "inputs": run.inputs}, indent=2) + "\n")
+    atomic_write_text(out / STATE, json.dumps({"args": run.args, "inputs": run.inputs}, indent=2, allow_nan=False) + "\n")
 
     done, dropped = read_done(out / SAMPLES)
     if dropped:
