@@ -436,8 +436,8 @@ class RunDir:
         """Take DIR's exclusive lock for this process (released when the command returns): a second
         command writing the same directory is refused instead of silently replacing its outputs.
         A directory that does not exist yet holds nothing to protect (``start`` creates, then locks it)."""
-        if not self.out.is_dir():
-            return self
+        if not self.out.is_dir() or os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) not in ("", "0"):
+            return self  # nothing to protect yet / under `accelerate launch` the main process holds it
         key = str(self.out.resolve())
         if key in _LOCKS:  # this process holds it already
             return self
