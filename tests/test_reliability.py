@@ -279,3 +279,21 @@ def test_strict_json_writers_refuse_nan():
             dumps({"x": bad})
         with pytest.raises(ValueError):
             dump_json({"x": bad})
+
+
+def test_disk_full_while_checkpointing_leaves_no_temp_checkpoint(runner, tmp_path, tiny_model, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(a[1]) if len(a) > 1 else None)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    split = write_split(tmp_path / "split", n=4)
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["train-neg", str(split), "-o", str(out), "--base-model", str(tiny_model),
+                            "--max-steps", "1", *COMMON])
+    assert r.exit_code == 1 and "no space left on device" in r.stderr and "Traceback" not in r.output, r.output
+    assert not (out / "manifest.json").exists()
+    ck = out / "checkpoints"
+    assert not any(ck.glob(".step-*.tmp")), "a torn checkpoint was left"
+    assert not any(ck.glob("step-*"))
