@@ -185,9 +185,9 @@ def command(
         raise UserError(f"{model}: a NAT checkpoint runs only on --backend hf (no stock server can run the "
                         "integration unit); distill it into a plain LoRA with `negkd calibrate` to serve it elsewhere")
     if backend is Backend.openai and not base_url:
-        raise UserError("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
+        raise UsageError("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if backend is not Backend.openai and base_url:
-        raise UserError("--base-url is for --backend openai only")
+        raise UsageError("--base-url is for --backend openai only")
     trained = spec["adapter"] or spec["nat"]  # negkd metadata: the template the student was trained with
     meta = read_meta(trained) if trained else {}
     tmpl = load_template(template if template is not None else meta.get("template"))
@@ -274,7 +274,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
         raise UsageError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shard K of N, 0 <= K < N)")
     k, n_ = int(m.group(1)), int(m.group(2))
     if n_ < 1 or not 0 <= k < n_:
-        raise UserError(f"--shard {spec!r}: need 0 <= K < N")
+        raise UsageError(f"--shard {spec!r}: need 0 <= K < N")
     return k, n_
 
 
