@@ -64,23 +64,59 @@ def _main(
 
 
 def _wrap(fn):
-    """Run a step; a UserError becomes a one-line message and exit code 1 (NEGKD_DEBUG=1 shows the traceback)."""
+    """Run a step; a failed run becomes a one-line message and exit code 1 (2 for a bad flag value).
+
+    ``negkd.errors.describe`` is the one place that maps errors (UserError, I/O errors such as a
+    full disk or a read-only file system, corrupt safetensors, refused pickles) to messages;
+    anything else is a bug and keeps its traceback. NEGKD_DEBUG=1 shows the traceback always.
+    Every float flag must be finite (NaN/inf are usage errors, exit 2). Output-directory locks
+    taken by the step are released when it returns.
+    """
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         from negkd.console import debug_enabled, fail
-        from negkd.errors import UserError
+        from negkd.errors import describe
 
         try:
+            _check_finite(kwargs)
+            _check_output(kwargs)
             return fn(*args, **kwargs)
-        except UserError as e:
-            if debug_enabled():
-                raise
-            fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume (training commands: add --resume)", code=130)
+        except Exception as e:
+            told = describe(e)
+            if told is None or debug_enabled():
+                raise
+            fail(told[0], code=told[1])
+        finally:
+            from negkd.io import release_locks
+
+            release_locks()
 
     return run
+
+
+def _check_output(kwargs: dict) -> None:
+    """-o naming an existing file: refused before any input is read or model loaded."""
+    from pathlib import Path
+
+    from negkd.errors import UserError
+
+    out = kwargs.get("output")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory; choose another -o/--output")
+
+
+def _check_finite(kwargs: dict) -> None:
+    """NaN or infinity is never a meaningful value of a negkd flag: refuse it before any work."""
+    import math
+
+    from negkd.errors import UsageError
+
+    for name, v in kwargs.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} {v}: must be a finite number")
 
 
 def _register() -> None:

@@ -571,7 +571,8 @@ class Teacher:
             if not isinstance(text, str):
                 continue  # e.g. a content-filtered choice; the caller sees fewer choices than asked
             idx = c.get("index", i)
-            choices.append(Choice(text, c.get("finish_reason"), idx if isinstance(idx, int) else i))
+            # a server that echoes the request (headers included) must not get the key into a rationale
+            choices.append(Choice(self.scrub(text), c.get("finish_reason"), idx if isinstance(idx, int) else i))
         if not choices:
             reasons = ",".join(str(c.get("finish_reason")) for c in raw if isinstance(c, dict))
             raise _Retryable("empty_choices", f"no choice has text (finish_reason {reasons})")

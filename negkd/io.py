@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import zlib
 import shutil
 import sys
 import time
@@ -27,6 +29,11 @@ from negkd import __version__
 from negkd.errors import UserError
 
 MANIFEST = "manifest.json"
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+RUNNING = ".negkd-running.json"  # written by RunDir.start, removed by finish: "a step is writing here"
+# files a step writes in place before it finishes (older runs carry no RUNNING marker)
+STATE_FILES = {".sample-run.json": "sample", ".infer-state.json": "infer"}
+IN_PLACE = {**STATE_FILES, "samples.jsonl": "sample", "predictions.jsonl": "infer"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -44,7 +51,17 @@ def check_file(path: Path) -> Path:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a .jsonl file")
+    if not path.is_file():  # a pipe (<(cat f)), socket or device: it cannot be hashed and re-read
+        raise UserError(f"{path}: not a regular file (a pipe or device?); negkd hashes its inputs into the "
+                        "manifest and may read them twice: write it to a file first")
     return path
+
+
+def _check_text(obj: Any, raw: bytes) -> None:
+    """A JSON ``\\ud800``-style escape may leave a lone surrogate that cannot be written back as UTF-8;
+    find it now (only lines holding a surrogate escape pay for the check)."""
+    if b"\\u" in raw and _SURROGATE.search(raw):
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -76,18 +93,24 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     ) from None
                 try:
                     obj = json.loads(text)
+                    _check_text(obj, raw)
                 except json.JSONDecodeError as e:
                     raise UserError(
                         f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
                         "expected one JSON object per line"
                     ) from None
+                except RecursionError:
+                    raise UserError(f"{path}:{lineno}: JSON nested too deeply; expected a flat record") from None
+                except UnicodeEncodeError:
+                    raise UserError(f"{path}:{lineno}: a string holds a lone UTF-16 surrogate escape "
+                                    "(like \\ud800); fix the text") from None
                 if not isinstance(obj, dict):
                     raise UserError(
                         f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
                     )
                 seen += 1
                 yield lineno, obj
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
+    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise UserError(f"{path}: no such file") from None
         raise UserError(f"{path}: cannot read ({e})") from None
@@ -98,10 +121,15 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 def _iter_json_array(path: Path, data: bytes) -> Iterator[tuple[int, dict]]:
     try:
         arr = json.loads(data.decode("utf-8"))
+        _check_text(arr, data)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply; expected an array of flat records") from None
+    except UnicodeEncodeError:
+        raise UserError(f"{path}: a string holds a lone UTF-16 surrogate escape (like \\ud800); fix the text") from None
     if not isinstance(arr, list) or not arr:
         raise UserError(f"{path}: empty JSON array, expected records")
     for i, obj in enumerate(arr, start=1):
@@ -130,16 +158,61 @@ class _Prepend(io.RawIOBase):
         return len(chunk)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, expect: type | None = None, fix: str = "") -> Any:
+    """A JSON file; any unreadable, malformed or (with ``expect``) wrongly typed content is a
+    one-line UserError naming ``fix`` (e.g. "rerun `negkd train-pos`")."""
     path = check_file(path)
+    tail = f"; {fix}" if fix else ""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a valid UTF-8 JSON file ({e})") from None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: not a valid UTF-8 JSON file ({e}){tail}") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise UserError(f"{path}: expected a JSON {expect.__name__}, got {type(obj).__name__}{tail}")
+    return obj
 
 
-def resolve_input(path: Path, names: Sequence[str], produced_by: str = "") -> Path:
-    """A file is returned as is; a directory is searched for the first of ``names``."""
+def unfinished_run(d: Path) -> dict | None:
+    """``{"command", "command_line"?}`` when ``d`` is a step's output directory that has no
+    manifest.json (killed, failed, or still running); None for a finished run or a plain directory."""
+    d = Path(d)
+    if not d.is_dir() or (d / MANIFEST).exists():
+        return None
+    return _unfinished(d, IN_PLACE)
+
+
+def _unfinished(d: Path, evidence: dict) -> dict | None:
+    marker = d / RUNNING
+    if marker.exists():
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            if isinstance(info, dict):
+                return info
+        except (OSError, ValueError):
+            pass
+        return {"command": "?"}
+    for name, cmd in evidence.items():
+        if (d / name).exists():
+            return {"command": cmd}
+    if evidence is IN_PLACE and (d / "checkpoints").is_dir():
+        return {"command": "train-*"}
+    return None
+
+
+def refuse_unfinished(d: Path, info: dict, flag: str = "") -> None:
+    cmd = info.get("command", "?")
+    again = info.get("command_line") or f"the same `negkd {cmd} ... -o {d}` command"
+    extra = f", or pass {flag} to use what it holds so far" if flag else ""
+    raise UserError(f"{d}: an unfinished `negkd {cmd}` run (no {MANIFEST}: interrupted or still running); "
+                    f"finish it first by rerunning {again}{extra}")
+
+
+def resolve_input(path: Path, names: Sequence[str], produced_by: str = "", allow_unfinished: bool = False) -> Path:
+    """A file is returned as is; a directory is searched for the first of ``names``.
+
+    A directory must hold a finished run (its manifest.json), and a file must not sit in an
+    unfinished run's directory: half a step's output is refused with the command that finishes
+    it. ``allow_unfinished`` (the ``--allow-unfinished`` flag) accepts it with a warning."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
@@ -147,12 +220,35 @@ def resolve_input(path: Path, names: Sequence[str], produced_by: str = "") -> Pa
         for name in names:
             for cand in (path / name, path / f"{name}.gz"):
                 if cand.exists():
+                    _check_finished(path, produced_by, allow_unfinished)
                     return cand
         hint = f" (the output of `negkd {produced_by}`)" if produced_by else ""
         raise UserError(
             f"{path}: directory holds none of {', '.join(names)}; pass the file itself or a directory{hint}"
         )
-    return path
+    # a file in a step's directory: refused only on that step's own word that it has not finished
+    parent = path.parent
+    info = None if (parent / MANIFEST).exists() else _unfinished(parent, STATE_FILES)
+    if info is not None:
+        _accept_or_refuse(path.parent, info, allow_unfinished)
+    return check_file(path)
+
+
+def _check_finished(d: Path, produced_by: str, allow_unfinished: bool) -> None:
+    if (d / MANIFEST).exists():
+        return
+    info = unfinished_run(d) or {"command": produced_by or "?"}
+    _accept_or_refuse(d, info, allow_unfinished)
+
+
+def _accept_or_refuse(d: Path, info: dict, allow_unfinished: bool) -> None:
+    if allow_unfinished:
+        from negkd.console import warn
+
+        warn(f"{d}: using the output of an UNFINISHED `negkd {info.get('command', '?')}` run "
+             "(--allow-unfinished); results cover only what it wrote so far")
+        return
+    refuse_unfinished(d, info, "--allow-unfinished")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -169,7 +265,8 @@ def sha256_tree(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and ".tmp" not in q.name):
+    for p in sorted(q for q in path.rglob("*")
+                    if q.is_file() and ".tmp" not in q.name and q.name != RUNNING):
         h.update(str(p.relative_to(path)).encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
@@ -179,7 +276,13 @@ def sha256_tree(path: Path) -> str:
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """One strict JSON line (NaN/Infinity are not JSON: they raise)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def dump_json(obj: Any) -> str:
+    """A strict, indented JSON document (manifests, configs, state files)."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
@@ -234,6 +337,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_LOCKS: dict[str, int] = {}  # output directory -> the fd holding its flock
+
+
+def release_locks() -> None:
+    """Release every output-directory lock this process holds (cli._wrap calls it when a command ends)."""
+    while _LOCKS:
+        _, fd = _LOCKS.popitem()
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+
+
+def command_line(out: Path) -> str | None:
+    """The command that is running, to print as "rerun ..." (secrets scrubbed); None when negkd runs
+    in-process (tests) and ``sys.argv`` is not negkd's."""
+    import shlex
+
+    argv = list(sys.argv)
+    prog = Path(argv[0]).name if argv else ""
+    if prog not in ("negkd", "__main__.py", "-m"):
+        return None
+    args, hide = [], False
+    for a in argv[1:]:
+        if hide:
+            args.append("***")
+            hide = False
+            continue
+        if a.split("=", 1)[0] in ("--api-key",):
+            hide = "=" not in a
+            args.append(a.split("=", 1)[0] + ("=***" if "=" in a else ""))
+            continue
+        args.append(a)
+    return shlex.join(["negkd", *args])
+
+
 class RunDir:
     """An output directory of one step.
 
@@ -268,6 +407,53 @@ class RunDir:
         self._staged: dict[str, Path] = {}
         self._outputs: dict[str, dict] = {}
         self._t0 = time.time()
+        self._guard()
+
+    def _guard(self) -> None:
+        """Refuse an OUTPUT that is a file, that holds (or is) an input of this run, or that holds
+        another command's run, finished or not: ``--overwrite`` redoes *this* command only."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UserError(f"-o {out}: exists and is not a directory; choose another -o/--output")
+        o = out.resolve()
+        for p in self.input_paths:
+            r = Path(p).resolve()
+            if r == o or o in r.parents:
+                raise UserError(f"-o {out}: holds this run's input {p}; writing there would destroy it, "
+                                "choose another -o/--output")
+        if not out.is_dir():
+            return
+        prev = self.previous()
+        other = prev.get("command") if prev is not None else (unfinished_run(out) or {}).get("command")
+        if other in (None, "?", self.command) or (other == "train-*" and self.command.startswith("train")) \
+                or (other == "train-*" and self.command == "calibrate"):
+            return
+        state = "a finished" if prev is not None else "an unfinished"
+        raise UserError(f"-o {out}: holds {state} `negkd {other}` run; --overwrite only redoes `negkd {self.command}` "
+                        "runs, so choose another -o/--output")
+
+    def lock(self) -> "RunDir":
+        """Take DIR's exclusive lock for this process (released when the command returns): a second
+        command writing the same directory is refused instead of silently replacing its outputs.
+        A directory that does not exist yet holds nothing to protect (``start`` creates, then locks it)."""
+        if not self.out.is_dir() or os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) not in ("", "0"):
+            return self  # nothing to protect yet / under `accelerate launch` the main process holds it
+        key = str(self.out.resolve())
+        if key in _LOCKS:  # this process holds it already
+            return self
+        fd = os.open(self.out, os.O_RDONLY)  # flock the directory itself: no lock file to leave behind
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - Windows
+            pass
+        except OSError:
+            os.close(fd)
+            raise UserError(f"{self.out}: another negkd command is writing to this directory; wait for it to end "
+                            "or choose another -o/--output") from None
+        _LOCKS[key] = fd
+        return self
 
     # ---- inputs and the no-op check
     @property
@@ -293,6 +479,7 @@ class RunDir:
     def up_to_date(self) -> bool:
         """True (and says so) when a finished run with the same command, arguments and
         input contents is already in ``out``; never with ``--overwrite``."""
+        self.lock()  # held from the first look: a concurrent command in DIR is refused before any work
         if self.overwrite:
             return False
         prev = self.previous()
@@ -324,6 +511,9 @@ class RunDir:
     # ---- staging
     def start(self) -> "RunDir":
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        atomic_write_text(self.out / RUNNING, dump_json({"command": self.command, "command_line": command_line(self.out),
+                                                         "pid": os.getpid()}))
         if self.manifest_path.exists():  # outputs are about to change: the old manifest no longer holds
             self.manifest_path.unlink()
         _ = self.inputs  # hash inputs now, before they could change under us
@@ -359,7 +549,7 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> None:
         tmp = self.tmp(name)
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(dump_json(_jsonable(obj)), encoding="utf-8")
         self._outputs.setdefault(name, {})
 
     def record_output(self, name: str, **info: Any) -> None:
@@ -388,13 +578,18 @@ class RunDir:
             "wall_time_s": round(time.time() - self._t0, 3),
             **_jsonable(extra),
         }
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(self.manifest_path, dump_json(manifest))
+        (self.out / RUNNING).unlink(missing_ok=True)
         return manifest
 
     def cleanup(self) -> None:
-        """Remove staged temp outputs (called on failure)."""
+        """Remove staged temp outputs (called on failure); a run that leaves nothing else behind
+        also removes its "running" marker, so the directory is as before."""
         for tmp in self._staged.values():
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             elif tmp.exists():
                 tmp.unlink()
+        marker = self.out / RUNNING
+        if marker.exists() and all(p.name == RUNNING for p in self.out.iterdir()):
+            marker.unlink()

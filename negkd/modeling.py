@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from negkd.errors import UserError
+from negkd.errors import UsageError, UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -23,24 +23,36 @@ def resolve_device(device: str = "auto"):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
     try:
         return torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(dtype: str = "auto", device=None):
     import torch
 
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype == "auto":
         dev = device if device is not None else resolve_device("auto")
         if getattr(dev, "type", str(dev)) == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return getattr(torch, dtype)
+
+
+def check_model_dir(name) -> None:
+    """Corrupt JSON or truncated safetensors in a local model directory: one line, before loading."""
+    from negkd.validate import check_model_dir as check
+
+    check(name)
+
+
+def check_model_path(name: str) -> None:
+    """A local-looking name must be a model directory with a config.json (a hub id passes)."""
+    _check_exists(str(name))
 
 
 def _check_exists(name: str) -> None:
@@ -72,6 +84,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
 
     if not (Path(name) / "tokenizer_config.json").is_file():  # adapter/NAT dirs ship a tokenizer, no config.json
         _check_exists(str(name))
+    check_model_dir(name)
     try:
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -88,7 +101,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
 
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype) -> Any:
     if load_in_4bit and load_in_8bit:
-        raise UserError("--load-in-4bit and --load-in-8bit are exclusive; pick one")
+        raise UsageError("--load-in-4bit and --load-in-8bit are exclusive; pick one")
     if not (load_in_4bit or load_in_8bit):
         return None
     try:
@@ -109,6 +122,7 @@ def check_causal_lm(name: str, trust_remote_code: bool = False):
 
     name = str(name)
     _check_exists(name)
+    check_model_dir(name)
     try:
         cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

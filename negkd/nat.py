@@ -491,7 +491,8 @@ def short_name(name: str) -> str:
 
 def read_neg_adapter(neg_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT LoRA directory -> (adapter_config, {canonical module: {"A": (r, in), "B": (out, r)}})."""
-    from safetensors.torch import load_file
+    from negkd.io import read_json
+    from negkd.validate import load_safetensors
 
     neg_dir = Path(neg_dir)
     cfg_path = neg_dir / "adapter_config.json"
@@ -500,7 +501,7 @@ def read_neg_adapter(neg_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Ten
     if not cfg_path.exists():
         raise UserError(f"--neg {neg_dir}: not a LoRA adapter directory (no adapter_config.json); "
                         "create one with `negkd train-neg NEG -o DIR --base-model M`")
-    acfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    acfg = read_json(cfg_path, dict, fix="rerun `negkd train-neg`")
     if acfg.get("peft_type") != "LORA":
         raise UserError(f"--neg {neg_dir}: a {acfg.get('peft_type')} adapter; NAT needs a LoRA adapter from `negkd train-neg`")
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
@@ -513,7 +514,7 @@ def read_neg_adapter(neg_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Ten
     wpath = neg_dir / "adapter_model.safetensors"
     if not wpath.exists():
         raise UserError(f"--neg {neg_dir}: adapter_model.safetensors is missing (an unfinished `negkd train-neg`?)")
-    sd = load_file(str(wpath))
+    sd = load_safetensors(wpath)
     mods: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         for part, tag in ((".lora_A.", "A"), (".lora_B.", "B")):
@@ -578,7 +579,7 @@ def save(model: nn.Module, out: Path, cfg: NATConfig, meta: dict | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "version": 1, "nat": asdict(cfg), **(meta or {})}
-    (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def read_config(nat_dir: Path) -> dict:
@@ -586,20 +587,22 @@ def read_config(nat_dir: Path) -> dict:
     p = nat_dir / CONFIG_NAME
     if not p.exists():
         raise UserError(f"{nat_dir}: not a NAT checkpoint (no {CONFIG_NAME}); create one with `negkd train-pos`")
-    doc = json.loads(p.read_text(encoding="utf-8"))
-    if doc.get("format") != FORMAT:
+    from negkd.io import read_json
+
+    doc = read_json(p, dict, fix="rerun `negkd train-pos`")
+    if doc.get("format") != FORMAT or not isinstance(doc.get("nat"), dict):
         raise UserError(f"{p}: not a negkd NAT config (format {doc.get('format')!r})")
     return doc
 
 
 def attach(model: nn.Module, nat_dir: Path, trainable: bool = False) -> dict:
     """Load a NAT checkpoint onto an already-loaded base (see module doc); returns its metadata."""
-    from safetensors.torch import load_file
+    from negkd.validate import load_safetensors
 
     doc = read_config(nat_dir)
     cfg = NATConfig(**doc["nat"])
     layers = _wrap(model, cfg)
-    sd = load_file(str(Path(nat_dir) / WEIGHTS_NAME))
+    sd = load_safetensors(Path(nat_dir) / WEIGHTS_NAME)
     with torch.no_grad():
         for name, layer in layers.items():
             for attr in NEG_PARAMS + POS_PARAMS + GATE_PARAMS:

@@ -279,7 +279,7 @@ def save(model, out: Path, tokenizer, config: dict) -> None:
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()},
               str(out / HEAD))
     tokenizer.save_pretrained(str(out))
-    (out / CONFIG).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2) + "\n",
+    (out / CONFIG).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2, allow_nan=False) + "\n",
                               encoding="utf-8")
 
 
@@ -295,11 +295,14 @@ def check_dir(path: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("format") != FORMAT:
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise UserError(f"{cfg_path}: not a negkd ranker config (format {cfg.get('format')!r})")
     for need in (HEAD, f"{ADAPTER}/adapter_config.json"):
         if not (p / need).is_file():
             raise UserError(f"--ranker {p}: missing {need}; was `negkd train-ranker` interrupted? rerun it")
+    from negkd.validate import check_model_dir
+
+    check_model_dir(p, "--ranker")
     return cfg
 
 
@@ -349,7 +352,6 @@ def load(path: Path, device: Any = "auto", dtype: str = "auto", trust_remote_cod
     """Load a ``negkd train-ranker`` directory as a :class:`Ranker` (eval mode, no grad)."""
     import torch
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     from negkd.modeling import load_tokenizer, resolve_device, resolve_dtype
 
@@ -368,7 +370,9 @@ def load(path: Path, device: Any = "auto", dtype: str = "auto", trust_remote_cod
         raise UserError(f"{p / ADAPTER}: cannot load the ranker's LoRA on {cfg['backbone']} "
                         f"({str(e).splitlines()[0]})") from None
     model = _torch_module()(bb, cfg["hidden"], cfg["head_dim"], 0.0)
-    model.head.load_state_dict(load_file(str(p / HEAD)))
+    from negkd.validate import load_safetensors
+
+    model.head.load_state_dict(load_safetensors(p / HEAD))
     model.head.to(device=dev, dtype=torch.float32)
     model.eval()
     for q in model.parameters():

@@ -200,7 +200,7 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
     def save_ckpt(m, d: Path) -> None:
         if recipe.save_ckpt is not None:
             recipe.save_ckpt(m, d, meta)
-            (Path(d) / META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (Path(d) / META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
 
     res = fit(model, examples, config=cfg, out_dir=out, collate_fn=Collator(tok.pad_token_id),
               lengths=lengths(examples), loss_fn=recipe.loss_fn or lm_loss, weight_fn=recipe.weight_fn or lm_weight, save_fn=save_ckpt, metrics_fn=recipe.metrics_fn,
@@ -219,7 +219,7 @@ def train(recipe: Recipe, sources: list[DataSource], out: Path, mopts: ModelOpts
                      "final_loss": res.history[-1]["loss"] if res.history else None, **asdict(cfg)}
     recipe.save_final(res.model, scratch, meta)
     tok.save_pretrained(str(scratch))
-    atomic_write_text(scratch / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(scratch / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     for f in sorted(scratch.iterdir()):
         os.replace(f, run.tmp(f.name))
         run.record_output(f.name)

@@ -28,11 +28,25 @@ FORMATS = ("auto", "negkd", "math", "math500", "gsm8k", "tdg", "svamp", "asdiv",
            "predictions")
 
 
-def _num(v: Any) -> str:
-    """Render a numeric gold answer without a spurious '.0'."""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
+def _num(v: Any, where: str = "", field: str = "answer") -> str:
+    """A gold answer as text: a string, or a number without a spurious '.0'; any other JSON type is
+    an error (never rewritten into Python's repr)."""
+    from negkd.validate import scalar_text
+
+    return scalar_text(v, field, where).strip()
+
+
+def _id(v: Any, where: str) -> str:
+    from negkd.validate import scalar_text
+
+    return scalar_text(v, "id", where)
+
+
+def _text(rec: dict, key: str, where: str) -> str:
+    v = rec[key]
+    if not isinstance(v, str):
+        raise UserError(f"{where}: {key!r} must be a string, got {type(v).__name__}")
+    return v
 
 
 def _level(v: Any) -> Any:
@@ -82,59 +96,59 @@ def _problem(rec: dict, fmt: str, where: str, lineno: int, stem: str) -> dict:
     out = dict(rec)
     if fmt == "negkd":
         _require(rec, ("id", "question", "answer"), where, fmt)
-        out["id"] = str(rec["id"])
-        out["answer"] = _num(rec["answer"])
+        out["id"] = _id(rec["id"], where)
+        out["answer"] = _num(rec["answer"], where)
     elif fmt == "math":
         _require(rec, ("problem", "solution"), where, fmt)
-        gold = _gold_from_solution(rec["solution"])
+        gold = _gold_from_solution(_text(rec, "solution", where))
         if gold is None:
             raise UserError(f"{where}: no \\boxed{{}} answer in 'solution'")
-        out = {"id": str(rec.get("unique_id", f"{stem}:{lineno}")), "question": rec["problem"],
+        out = {"id": _id(rec.get("unique_id", f"{stem}:{lineno}"), where), "question": rec["problem"],
                "answer": gold, "solution": rec["solution"], **_rest(rec, ("problem",))}
         if "type" in rec:
             out.setdefault("subject", rec["type"])
     elif fmt == "math500":
         _require(rec, ("problem", "answer"), where, fmt)
-        out = {"id": str(rec.get("unique_id", f"{stem}:{lineno}")), "question": rec["problem"],
-               "answer": _num(rec["answer"]), **_rest(rec, ("problem", "answer"))}
+        out = {"id": _id(rec.get("unique_id", f"{stem}:{lineno}"), where), "question": rec["problem"],
+               "answer": _num(rec["answer"], where), **_rest(rec, ("problem", "answer"))}
     elif fmt == "gsm8k":
         _require(rec, ("question", "answer"), where, fmt)
-        sol = str(rec["answer"])
+        sol = _text(rec, "answer", where)
         if "####" not in sol:
             raise UserError(f"{where}: GSM8K 'answer' has no '#### N' final line")
         body, gold = sol.rsplit("####", 1)
-        out = {"id": str(rec.get("id", f"{stem}:{lineno}")), "question": rec["question"],
+        out = {"id": _id(rec.get("id", f"{stem}:{lineno}"), where), "question": rec["question"],
                "answer": gold.strip().replace(",", ""), "solution": sol, **_rest(rec, ("question", "answer"))}
     elif fmt == "tdg":
         _require(rec, ("question", "answer", "generated_answer"), where, fmt)
-        q = re.sub(r"^\s*Problem:\s*\n", "", rec["question"], count=1)
-        gold = _gold_from_solution(rec["answer"])
+        q = re.sub(r"^\s*Problem:\s*\n", "", _text(rec, "question", where), count=1)
+        gold = _gold_from_solution(_text(rec, "answer", where))
         if gold is None:
             raise UserError(f"{where}: no \\boxed{{}} answer in the gold solution 'answer'")
-        out = {"id": str(rec.get("tdg_source", rec.get("id", f"{stem}:{lineno}"))), "question": q,
+        out = {"id": _id(rec.get("tdg_source", rec.get("id", f"{stem}:{lineno}")), where), "question": q,
                "answer": gold, "solution": rec["answer"],
                **_rest(rec, ("question", "answer", "generated_answer"))}
         if "type" in rec:
             out.setdefault("subject", rec["type"])
     elif fmt == "svamp":
         _require(rec, ("Body", "Question", "Answer"), where, fmt)
-        out = {"id": str(rec.get("ID", f"{stem}:{lineno}")),
-               "question": f"{rec['Body'].strip()} {rec['Question'].strip()}",
-               "answer": _num(rec["Answer"]), **_rest(rec, ())}
+        out = {"id": _id(rec.get("ID", f"{stem}:{lineno}"), where),
+               "question": f"{_text(rec, 'Body', where).strip()} {_text(rec, 'Question', where).strip()}",
+               "answer": _num(rec["Answer"], where, "Answer"), **_rest(rec, ())}
     elif fmt == "asdiv":
         _require(rec, ("body", "question", "answer"), where, fmt)
-        ans = str(rec["answer"]).strip()
+        ans = _num(rec["answer"], where)
         m = re.fullmatch(r"(.*?)\s*\(([^()]*)\)", ans)
         gold, unit = (m.group(1), m.group(2)) if m else (ans, None)
-        out = {"id": str(rec.get("idx", f"{stem}:{lineno}")),
-               "question": f"{rec['body'].strip()} {rec['question'].strip()}",
+        out = {"id": _id(rec.get("idx", f"{stem}:{lineno}"), where),
+               "question": f"{_text(rec, 'body', where).strip()} {_text(rec, 'question', where).strip()}",
                "answer": gold.strip(), **_rest(rec, ("question", "answer"))}
         if unit:
             out["unit"] = unit
     elif fmt in ("multiarith", "gsmhard"):
         _require(rec, ("input", "target"), where, fmt)
-        out = {"id": str(rec.get("id", f"{stem}:{lineno}")), "question": rec["input"],
-               "answer": _num(rec["target"]), **_rest(rec, ("input", "target", "code"))}
+        out = {"id": _id(rec.get("id", f"{stem}:{lineno}"), where), "question": rec["input"],
+               "answer": _num(rec["target"], where, "target"), **_rest(rec, ("input", "target", "code"))}
     else:  # pragma: no cover - guarded by FORMATS
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if "level" in out:

@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UserError
+from negkd.errors import UsageError, UserError
 
 # ---------------------------------------------------------------- defaults (one place)
 DEVICE = "auto"
@@ -146,29 +146,29 @@ def train_config(*, batch_size: int, grad_accum: int, epochs: float, max_steps: 
     from negkd.training import TrainConfig
 
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     if grad_accum < 1:
-        raise UserError(f"--grad-accum {grad_accum}: must be >= 1")
+        raise UsageError(f"--grad-accum {grad_accum}: must be >= 1")
     if max_steps is not None and max_steps < 1:
-        raise UserError(f"--max-steps {max_steps}: must be >= 1")
+        raise UsageError(f"--max-steps {max_steps}: must be >= 1")
     if max_steps is None and not epochs > 0:
-        raise UserError(f"--epochs {epochs}: must be > 0")
+        raise UsageError(f"--epochs {epochs}: must be > 0")
     if not lr > 0:
-        raise UserError(f"--lr {lr}: must be > 0")
+        raise UsageError(f"--lr {lr}: must be > 0")
     if warmup < 0:
-        raise UserError(f"--warmup {warmup}: must be >= 0 (a fraction < 1 or a number of steps)")
+        raise UsageError(f"--warmup {warmup}: must be >= 0 (a fraction < 1 or a number of steps)")
     if schedule not in SCHEDULES:
-        raise UserError(f"--schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        raise UsageError(f"--schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     if weight_decay < 0:
-        raise UserError(f"--weight-decay {weight_decay}: must be >= 0")
+        raise UsageError(f"--weight-decay {weight_decay}: must be >= 0")
     if max_grad_norm < 0:
-        raise UserError(f"--max-grad-norm {max_grad_norm}: must be >= 0 (0 disables clipping)")
+        raise UsageError(f"--max-grad-norm {max_grad_norm}: must be >= 0 (0 disables clipping)")
     if save_every < 0:
-        raise UserError(f"--save-every {save_every}: must be >= 0 (0: only at the end)")
+        raise UsageError(f"--save-every {save_every}: must be >= 0 (0: only at the end)")
     if log_every < 1:
-        raise UserError(f"--log-every {log_every}: must be >= 1")
+        raise UsageError(f"--log-every {log_every}: must be >= 1")
     if max_batch_tokens is not None and max_batch_tokens < 1:
-        raise UserError(f"--max-batch-tokens {max_batch_tokens}: must be >= 1 (padded tokens per micro-batch)")
+        raise UsageError(f"--max-batch-tokens {max_batch_tokens}: must be >= 1 (padded tokens per micro-batch)")
     return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                        warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                        seed=seed, save_every=save_every, log_every=log_every, max_batch_tokens=max_batch_tokens)
@@ -181,21 +181,21 @@ def parse_targets(spec: str | None, default: str = DEFAULT_TARGETS) -> list[str]
         return "all-linear"
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise UserError(f"--target-modules {spec!r}: expected comma-separated module names or all-linear")
+        raise UsageError(f"--target-modules {spec!r}: expected comma-separated module names or all-linear")
     return names
 
 
 def lora_args(*, lora_r: int, lora_alpha: float, lora_dropout: float, target_modules: str | None) -> dict:
     if lora_r < 1:
-        raise UserError(f"--lora-r {lora_r}: must be >= 1")
+        raise UsageError(f"--lora-r {lora_r}: must be >= 1")
     if not lora_alpha > 0:
-        raise UserError(f"--lora-alpha {lora_alpha}: must be > 0")
+        raise UsageError(f"--lora-alpha {lora_alpha}: must be > 0")
     if not 0 <= lora_dropout < 1:
-        raise UserError(f"--lora-dropout {lora_dropout}: must be in [0, 1)")
+        raise UsageError(f"--lora-dropout {lora_dropout}: must be in [0, 1)")
     return dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=parse_targets(target_modules))
 
 
 def check_max_length(max_length: int) -> int:
     if max_length < 8:
-        raise UserError(f"--max-length {max_length}: must be >= 8 tokens")
+        raise UsageError(f"--max-length {max_length}: must be >= 8 tokens")
     return max_length

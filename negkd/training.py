@@ -56,7 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from negkd.errors import UserError
+from negkd.errors import UsageError, UserError
+from negkd.io import read_json
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -118,7 +119,7 @@ def make_accelerator(device: str = "auto", find_unused_parameters: bool = False)
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     acc = Accelerator(cpu=device == "cpu", device_placement=False, kwargs_handlers=handlers)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and acc.num_processes == 1:
@@ -149,7 +150,7 @@ def model_device(acc, device: str):
 
         return resolve_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
     return acc.device
 
 
@@ -297,7 +298,11 @@ def _rng_state() -> dict:
     import numpy as np
     import torch
 
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain values + a tensor: rng_state_*.pt loads with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
+          "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -308,7 +313,9 @@ def _set_rng_state(st: dict) -> None:
     import torch
 
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -474,6 +481,8 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                         vec = acc.reduce(vec, reduction="sum")
                         evec = acc.reduce(evec, reduction="mean") if len(ekeys) else evec
                     vals = vec.tolist()
+                    if not math.isfinite(vals[0]):  # every rank sees the same reduced sum: all stop together
+                        raise _diverged(step, vals[0] / max(vals[1], 1e-12), config)
                     now = time.perf_counter()
                     dt = now - last_log_t
                     wsum = max(vals[1], 1e-12)
@@ -491,12 +500,14 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                     for k, v in zip(keys, vals[4:]):
                         rec[k] = v / wsum
                     rec.update({k: round(v, 6) for k, v in zip(ekeys, evec.tolist())})
+                    if any(isinstance(v, float) and not math.isfinite(v) for v in rec.values()):
+                        raise _diverged(step, rec["loss"], config)  # e.g. an infinite gradient norm
                     tot_tok += vals[2]
                     tot_pad += vals[3]
                     history.append(rec)
                     if main:
                         with open(metrics_path, "a", encoding="utf-8") as fh:
-                            fh.write(json.dumps(rec) + "\n")
+                            fh.write(json.dumps(rec, allow_nan=False) + "\n")
                     acc_loss, acc_w, acc_tok, acc_pad = zero(), zero(), zero(), zero()
                     acc_logs = {}
                     last_log_t, last_log_step = now, step
@@ -505,6 +516,7 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                     bar.update(task, completed=step)
 
                 if step == total or (config.save_every and step % config.save_every == 0):
+                    _check_finite(acc, params, acc_loss, step, config)  # never save (or finish) a NaN model
                     _save_checkpoint(out_dir, step, acc, unwrapped, wrapped, optimizer, scheduler, fp, save_fn,
                                      {"epoch": epoch, "total_steps": total})
     except KeyboardInterrupt:
@@ -522,6 +534,23 @@ def fit(model, dataset: Sequence[Any], *, config: TrainConfig, out_dir: Path,
                      resumed_from=resumed_from, seconds=seconds, tokens=int(tot_tok), padded_tokens=int(tot_pad),
                      history=history,
                      peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
+
+
+def _diverged(step: int, loss: float, config: TrainConfig) -> UserError:
+    return UserError(f"training diverged: the loss is {loss} at step {step} (--lr {config.lr:g}); nothing was saved "
+                     "for this step and the run is not finished. Lower --lr (or raise --warmup / set "
+                     "--max-grad-norm) and rerun with --overwrite")
+
+
+def _check_finite(acc, params, acc_loss, step: int, config: TrainConfig) -> None:
+    """Raise (on every rank alike) if the loss since the last log or any trainable weight is NaN/inf."""
+    import torch
+
+    bad = (~torch.isfinite(acc_loss)).double() + sum((~torch.isfinite(p.detach())).any().double() for p in params)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if float(bad) > 0:
+        raise _diverged(step, float(acc_loss) if not torch.isfinite(acc_loss) else float("nan"), config)
 
 
 def check_resume(model, lengths: Sequence[int], *, config: TrainConfig, out_dir: Path, fingerprint: dict | None,
@@ -558,7 +587,10 @@ def _resume_checkpoint(out_dir: Path, resume: bool, fp: dict, total: int) -> Pat
     if not resume:
         raise UserError(f"{out_dir}: holds checkpoints of an earlier run (last: {ck.name}); pass --resume to continue "
                         "it or --overwrite to start over")
-    st = json.loads((ck / "trainer_state.json").read_text())
+    st = read_json(ck / "trainer_state.json", dict, fix="the checkpoint is damaged: pass --overwrite to start over")
+    if not isinstance(st.get("step"), int) or not isinstance(st.get("fingerprint", {}), dict):
+        raise UserError(f"{ck / 'trainer_state.json'}: no integer 'step'; the checkpoint is damaged: pass "
+                        "--overwrite to start over")
     diff = _diff(st.get("fingerprint", {}), fp)
     if diff:
         raise UserError(f"--resume: {ck} was made with other settings or data ({'; '.join(diff)[:400]}); rerun with "
@@ -567,7 +599,36 @@ def _resume_checkpoint(out_dir: Path, resume: bool, fp: dict, total: int) -> Pat
     if step > total:
         raise UserError(f"--resume: the checkpoint in {ck.parent} is at step {step}, beyond this run's {total} "
                         "steps; raise --max-steps/--epochs or pass --overwrite")
+    verify_checkpoint(ck)  # before the step touches DIR: a bad checkpoint leaves a finished run as it was
     return ck
+
+
+def safe_torch_load(path: Path):
+    """``torch.load`` of tensors and plain containers only (``weights_only=True``): a pickle that
+    would build any other object, e.g. one planted to run code, is refused without running."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        import re
+
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = f"it would build {m.group(1)}" if m else type(e).__name__
+        raise UserError(f"{path}: refused: not a tensors-only checkpoint file ({why}); it is damaged, was written "
+                        "by an older negkd, or was tampered with. Pass --overwrite to start over") from None
+
+
+def verify_checkpoint(ck: Path) -> None:
+    """Load every file of a checkpoint the safe way (tensors only, headers checked) without applying it."""
+    from negkd.validate import check_safetensors
+
+    for f in sorted(Path(ck).glob("*.pt")):
+        safe_torch_load(f)
+    for f in sorted(Path(ck).rglob("*.safetensors")):
+        check_safetensors(f)
 
 
 def _sha(s: str) -> str:
@@ -600,12 +661,23 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def _save_checkpoint(out_dir: Path, step: int, acc, unwrapped, wrapped, optimizer, scheduler, fp: dict,
                      save_fn, extra: dict) -> None:
-    import torch
-    from safetensors.torch import save_file
-
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
+    try:
+        _write_checkpoint(root, final, tmp, step, acc, unwrapped, wrapped, optimizer, scheduler, fp, save_fn, extra)
+    except BaseException:  # e.g. a full disk: leave no half-written .step-N.tmp behind
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(root: Path, final: Path, tmp: Path, step: int, acc, unwrapped, wrapped, optimizer, scheduler,
+                      fp: dict, save_fn, extra: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir = root.parent
     if acc.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -635,7 +707,8 @@ def _save_checkpoint(out_dir: Path, step: int, acc, unwrapped, wrapped, optimize
     acc.wait_for_everyone()
     if acc.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "world_size": acc.num_processes, "fingerprint": fp, **extra}, indent=1) + "\n")
+            {"step": step, "world_size": acc.num_processes, "fingerprint": fp, **extra}, indent=1,
+            allow_nan=False) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -647,9 +720,10 @@ def _save_checkpoint(out_dir: Path, step: int, acc, unwrapped, wrapped, optimize
 def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, rank: int) -> int:
     """Restore ``ck`` (already vetted by _resume_checkpoint); returns its step."""
     import torch
-    from safetensors.torch import load_file
 
-    st = json.loads((ck / "trainer_state.json").read_text())
+    from negkd.validate import load_safetensors
+
+    st = read_json(ck / "trainer_state.json", dict, fix="the checkpoint is damaged: pass --overwrite to start over")
     if _uses_sharded_state(acc):
         acc.load_state(str(ck / "accelerate"))
     elif _is_fsdp(acc):
@@ -659,16 +733,16 @@ def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, ra
         sharded.load_optimizer_state(unwrapped, optimizer,
                                      torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True))
     else:
-        sd = load_file(str(ck / "trainable.safetensors"))
+        sd = load_safetensors(ck / "trainable.safetensors")
         with torch.no_grad():
             for name, p in unwrapped.named_parameters():
                 if p.requires_grad:
                     p.copy_(sd[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(safe_torch_load(ck / "optimizer.pt"))
+    scheduler.load_state_dict(safe_torch_load(ck / "scheduler.pt"))
     rng = ck / f"rng_state_{rank}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(safe_torch_load(rng))
     return int(st["step"])
 
 
@@ -697,6 +771,7 @@ def open_run(out: Path, command: str, args: dict, inputs: Sequence[Path], overwr
     if run.up_to_date():
         return None
     if overwrite and main:
+        run.lock()  # before deleting anything: a concurrent run in DIR is refused, not clobbered
         for name in (CHECKPOINTS, METRICS):
             p = Path(out) / name
             if p.is_dir():

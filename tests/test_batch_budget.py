@@ -147,7 +147,7 @@ def test_bad_budget_is_a_one_line_error(tiny_model, tmp_path):
 
     r = invoke(CliRunner(), ["train-neg", str(tmp_path), "-o", str(tmp_path / "out"), "--base-model", str(tiny_model),
                              "--max-batch-tokens", "0"])
-    assert r.exit_code == 1 and "--max-batch-tokens 0: must be >= 1" in r.output
+    assert r.exit_code == 2 and "--max-batch-tokens 0: must be >= 1" in r.output
     assert not (tmp_path / "out").exists()
 
 

@@ -172,6 +172,7 @@ def test_no_calibration_is_plain_kd_and_gold_from_a_split_dir(pipe, tmp_path):
     split.mkdir()
     _write(split / "pos.jsonl", _rows(10, True))
     _write(split / "neg.jsonl", _rows(12, False))
+    (split / "manifest.json").write_text('{"command": "split"}\n')
     out = tmp_path / "kd"
     _ok(["calibrate", str(split), "-o", str(out), "--nat", str(pipe["nat"]), "--max-steps", "2", "--with-gold",
          "--no-calibration", "--kd-weight", "1.0", "--beta-offset", "1.0", *FAST])
@@ -273,7 +274,8 @@ def test_bad_nat_dir_and_base_model_are_one_line_errors(pipe, tmp_path):
     for extra, msg in cases:
         out = tmp_path / "out"
         r = _invoke(["calibrate", str(pipe["pos"]), "-o", str(out), *extra])
-        assert r.exit_code == 1, (extra, r.output)
+        # a bad flag value is a usage error (exit 2), a bad directory a failed run (exit 1)
+        assert r.exit_code == (2 if msg.startswith("--") else 1), (extra, r.output)
         lines = [x for x in r.output.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.output)
         assert not out.exists(), extra  # nothing written

@@ -45,6 +45,7 @@ def test_eval_metrics_side_by_side(runner, tmp_path):
     bdir = tmp_path / "cotkd"
     bdir.mkdir()
     write(bdir / "predictions.jsonl", [{**RECORDS[1], "candidates": [cand("7")] * 4, "votes": None}])
+    (bdir / "manifest.json").write_text('{"command": "infer"}\n')  # a finished `negkd infer`
     out = tmp_path / "eval"
     r = runner.invoke(app, ["eval", str(a), str(bdir), "-o", str(out), "--k", "2"])
     assert r.exit_code == 0, r.output

@@ -262,10 +262,10 @@ def _tok(path):
     (["--adapter", "/nonexistent/adapter"], "adapter"),
     (["--limit", "0"], "--limit"),
 ])
-def test_bad_flags_exit_1_and_write_nothing(runner, tmp_path, tiny_model, args, msg):
+def test_bad_flags_exit_2_bad_paths_exit_1_and_write_nothing(runner, tmp_path, tiny_model, args, msg):
     probs = write_problems(tmp_path / "p.jsonl", 2)
     r = _infer(runner, probs, "-o", tmp_path / "out", "--model", tiny_model, *args)
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == (2 if msg.startswith("--") else 1), r.output  # usage errors are 2 in every command
     assert msg in r.output
     assert not (tmp_path / "out").exists()
 
@@ -347,6 +347,7 @@ def test_end_to_end_adapter_infer_then_eval(runner, tmp_path, tiny_model):
     ad = make_adapter(tiny_model, tmp_path / "adapter")
     split = tmp_path / "split"
     split.mkdir()
+    (split / "manifest.json").write_text('{"command": "split"}\n')
     rng = random.Random(0)
     for name, ok in (("pos.jsonl", True), ("neg.jsonl", False)):
         with open(split / name, "w") as fh:

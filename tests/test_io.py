@@ -51,6 +51,10 @@ def test_iter_jsonl_missing_file(tmp_path):
 
 def test_resolve_input_file_or_step_directory(tmp_path):
     (tmp_path / "pos.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="unfinished `negkd split`.*--allow-unfinished"):
+        resolve_input(tmp_path, ["pos.jsonl"], produced_by="split")  # a directory must hold a finished run
+    assert resolve_input(tmp_path, ["pos.jsonl"], allow_unfinished=True) == tmp_path / "pos.jsonl"
+    (tmp_path / "manifest.json").write_text("{}\n")
     assert resolve_input(tmp_path, ["pos.jsonl"]) == tmp_path / "pos.jsonl"
     f = tmp_path / "x.jsonl"
     f.write_text("{}\n")

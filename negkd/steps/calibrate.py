@@ -34,7 +34,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from negkd import train_options as T
-from negkd.errors import UserError
+from negkd.errors import UsageError, UserError
 
 CALIBRATION = "calibration.jsonl"
 PART = ".calibration.part-{rank}.jsonl"  # per-process append-only records while training
@@ -223,7 +223,9 @@ def read_nat(nat_dir: Path) -> dict:
         raise UserError(f"--nat {nat_dir}: not a NAT checkpoint, no nat_config.json{hint}; create one with "
                         "`negkd train-pos POS -o DIR --neg NEGDIR`")
     from negkd import nat
+    from negkd.validate import check_model_dir
 
+    check_model_dir(nat_dir, "--nat")
     try:
         doc = nat.read_config(nat_dir)
     except json.JSONDecodeError as e:
@@ -368,11 +370,11 @@ def _run(*, pos, output, nat_dir, base_model, kd_weight, temperature, beta_offse
 
     # ---- cheap checks first: flags, the NAT checkpoint and the data, before any model loads
     if not 0.0 <= kd_weight <= 1.0:
-        raise UserError(f"--kd-weight {kd_weight}: must be in [0, 1]")
+        raise UsageError(f"--kd-weight {kd_weight}: must be in [0, 1]")
     if not temperature > 0:
-        raise UserError(f"--temperature {temperature}: must be > 0")
+        raise UsageError(f"--temperature {temperature}: must be > 0")
     if beta_offset < 0:
-        raise UserError(f"--beta-offset {beta_offset}: must be >= 0")
+        raise UsageError(f"--beta-offset {beta_offset}: must be >= 0")
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                          seed=seed, save_every=save_every, log_every=log_every,
@@ -483,7 +485,7 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
 
     def save_ckpt(m, d: Path) -> None:  # each checkpoint is a usable adapter too
         lora.save_adapter(m, d)
-        (Path(d) / recipe.META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+        (Path(d) / recipe.META_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                                                 encoding="utf-8")
 
     res = fit(student, examples, config=cfg, out_dir=out, collate_fn=Collator(tok.pad_token_id),
@@ -501,7 +503,7 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
                      "final_loss": res.history[-1]["loss"] if res.history else None, **asdict(cfg)}
     lora.save_adapter(res.model, scratch)
     tok.save_pretrained(str(scratch))
-    atomic_write_text(scratch / recipe.META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(scratch / recipe.META_NAME, json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     for f in sorted(scratch.iterdir()):
         os.replace(f, run.tmp(f.name))
         run.record_output(f.name)

@@ -27,6 +27,9 @@ def command(
         Optional[int], typer.Option("--workers", min=1, help="Grading processes for math-verify (default: all CPU cores).")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the step even if OUTPUT holds a finished run.")] = False,
+    allow_unfinished: Annotated[bool, typer.Option(
+        "--allow-unfinished", help="Accept the directory of an unfinished (killed or running) step and use the "
+        "records it holds so far, with a warning. Default: refuse it and print the command that finishes it.")] = False,
 ) -> None:
     """Score predictions against their gold answers, overall, per subject and per level.
 
@@ -44,7 +47,8 @@ def command(
     from negkd.metrics import aggregate, labels, score_files
     from negkd.schemas import read_predictions
 
-    paths = [resolve_input(p, ["predictions.jsonl"], produced_by="infer") for p in predictions]
+    paths = [resolve_input(p, ["predictions.jsonl"], produced_by="infer", allow_unfinished=allow_unfinished)
+             for p in predictions]
     ks = sorted({1, *(k or [])})
     run = RunDir(output, "eval", {"k": ks}, inputs=paths, overwrite=overwrite)
     if run.up_to_date():

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UserError, choice
+from negkd.errors import UsageError, UserError, choice
 from negkd.schemas import FORMATS
 
 PROBLEM_FORMATS = tuple(f for f in FORMATS if f != "predictions")
@@ -149,46 +149,51 @@ def command(
 
     # ---- validate every flag before touching the output directory
     if format not in FORMATS:
-        raise UserError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if asc_weight not in ASC_NAMES:
-        raise UserError(f"--asc-weight {asc_weight!r}: expected one of {', '.join(ASC_NAMES)}")
+        raise UsageError(f"--asc-weight {asc_weight!r}: expected one of {', '.join(ASC_NAMES)}")
     if greedy:
         n = 1
     if n < 1:
-        raise UserError(f"--n {n}: must be >= 1")
+        raise UsageError(f"--n {n}: must be >= 1")
     if not greedy and not temperature > 0:
-        raise UserError(f"--temperature {temperature}: must be > 0 (use --greedy for argmax decoding)")
+        raise UsageError(f"--temperature {temperature}: must be > 0 (use --greedy for argmax decoding)")
     if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+        raise UsageError(f"--top-p {top_p}: must be in (0, 1]")
     if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     if ranker_batch_size < 1:
-        raise UserError(f"--ranker-batch-size {ranker_batch_size}: must be >= 1")
+        raise UsageError(f"--ranker-batch-size {ranker_batch_size}: must be >= 1")
     if concurrency < 1:
-        raise UserError(f"--concurrency {concurrency}: must be >= 1")
+        raise UsageError(f"--concurrency {concurrency}: must be >= 1")
     if not timeout > 0:
-        raise UserError(f"--timeout {timeout}: must be > 0")
+        raise UsageError(f"--timeout {timeout}: must be > 0")
     if max_retries < 0:
-        raise UserError(f"--max-retries {max_retries}: must be >= 0")
+        raise UsageError(f"--max-retries {max_retries}: must be >= 0")
     if backoff < 0:
-        raise UserError(f"--backoff {backoff}: must be >= 0")
+        raise UsageError(f"--backoff {backoff}: must be >= 0")
     if circuit_breaker < 0:
-        raise UserError(f"--circuit-breaker {circuit_breaker}: must be >= 0 (0 = off)")
+        raise UsageError(f"--circuit-breaker {circuit_breaker}: must be >= 0 (0 = off)")
     if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be >= 1")
+        raise UsageError(f"--limit {limit}: must be >= 1")
     shard_k, shard_n = parse_shard(shard)
 
-    # ---- what the student is
+    # ---- what the student is (its directories checked now: no model loads from a damaged one)
+    from negkd.validate import check_model_dir
+
+    for d in (model, adapter):
+        if d is not None:
+            check_model_dir(d, "--adapter" if d is adapter else "--model")
     spec = _resolve_student(model, adapter)
     if backend is not Backend.hf and spec["kind"] == "nat":
         raise UserError(f"{model}: a NAT checkpoint runs only on --backend hf (no stock server can run the "
                         "integration unit); distill it into a plain LoRA with `negkd calibrate` to serve it elsewhere")
     if backend is Backend.openai and not base_url:
-        raise UserError("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
+        raise UsageError("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if backend is not Backend.openai and base_url:
-        raise UserError("--base-url is for --backend openai only")
+        raise UsageError("--base-url is for --backend openai only")
     trained = spec["adapter"] or spec["nat"]  # negkd metadata: the template the student was trained with
     meta = read_meta(trained) if trained else {}
     tmpl = load_template(template if template is not None else meta.get("template"))
@@ -203,6 +208,10 @@ def command(
         probs = probs[shard_k::shard_n]
     if not probs:
         raise UserError(f"{path}: no problems selected (check --limit / --shard)")
+    from negkd.prompts import render
+
+    for p in probs:  # a template naming a missing field fails now, before any model or state file
+        render(tmpl, p)
 
     ranker_dir = Path(ranker) if ranker is not None else None
     if ranker_dir is not None:
@@ -221,8 +230,8 @@ def command(
     run = RunDir(output, "infer", args, inputs=inputs, overwrite=overwrite)
     if run.up_to_date():
         return
+    run.lock()  # before _prepare_resume may cut a torn line off predictions.jsonl
     done_ids = _prepare_resume(run, overwrite, {p["id"] for p in probs})
-    pending = [p for p in probs if p["id"] not in done_ids]
 
     # ---- load (before writing anything new), then generate
     gen = _make_backend(backend, spec, base_url=base_url, served_model=served_model,
@@ -244,10 +253,10 @@ def command(
     _write_state(run)
     if done_ids:
         log(f"{output}: resuming; {len(done_ids)} of {len(probs)} problems already done")
-    stats = _run(gen, pending, run.out / PREDICTIONS, tmpl=tmpl, chat=chat, n=n, greedy=greedy,
+    stats = _run(gen, probs, run.out / PREDICTIONS, tmpl=tmpl, chat=chat, n=n, greedy=greedy,
                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                  batch_size=batch_size, scorer=scorer, ranker_batch_size=ranker_batch_size,
-                 asc_weight=asc_weight, total=len(probs), already=len(done_ids))
+                 asc_weight=asc_weight, total=len(probs), already=len(done_ids), done=frozenset(done_ids))
     if stats["failed"]:
         reasons = "; ".join(sorted({r for _, r in gen.failed}))[:300]
         raise UserError(f"{len(stats['failed'])} problems got no answer from the server ({reasons}); the "
@@ -273,10 +282,10 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
         return 0, 1
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
     if not m:
-        raise UserError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shard K of N, 0 <= K < N)")
+        raise UsageError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shard K of N, 0 <= K < N)")
     k, n_ = int(m.group(1)), int(m.group(2))
     if n_ < 1 or not 0 <= k < n_:
-        raise UserError(f"--shard {spec!r}: need 0 <= K < N")
+        raise UsageError(f"--shard {spec!r}: need 0 <= K < N")
     return k, n_
 
 
@@ -652,8 +661,17 @@ class _OpenAI:
 # --------------------------------------------------------------------------- the loop
 
 
-def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, temperature, top_p, max_new_tokens,
-         seed, batch_size, scorer, ranker_batch_size, asc_weight, total, already) -> dict:
+def _run(gen, probs: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, temperature, top_p, max_new_tokens,
+         seed, batch_size, scorer, ranker_batch_size, asc_weight, total, already, done: frozenset = frozenset()) -> dict:
+    """Generate every problem of ``probs`` whose id is not in ``done`` and append its record.
+
+    Seeds depend only on a problem's position in ``probs`` (the full, fixed selection), never on
+    what an earlier, interrupted run finished, so a resumed run writes exactly what an
+    uninterrupted one would. Windows of problems are cut from ``probs``; a backend with per-prompt
+    seeds (vLLM, OpenAI: ``seed + i``) gets each contiguous stretch of unfinished problems with
+    its own offset; the hf backend samples a whole call from one RNG stream, so a window that an
+    interrupted run left half-done is generated again in full and only its missing problems are
+    written (at most one window of repeated work per resume)."""
     import os
     import time
 
@@ -671,53 +689,61 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
     # written as each problem completes, so at most one window is lost on a kill.
     per_call = max(1, batch_size // n) if n <= batch_size else 1
     window = getattr(gen, "window", None) or max(1, per_call * 8)
+    coupled = getattr(gen, "name", "") == "hf"  # one RNG stream per generate call
     t_start = time.perf_counter()
     with open(pred_path, "a", encoding="utf-8") as fh, progress() as prog:
         task = prog.add_task("infer", total=total)
         if already:
             prog.update(task, completed=already)
-        for w in range(0, len(pending), window):
-            chunk = pending[w: w + window]
-            # a server applies its own chat template (openai backend): send the rendered user turn
-            prompts = [build_prompt(p, tmpl, gen.tokenizer, chat and not getattr(gen, "server_chat", False))
-                       for p in chunk]
-            t_gen = time.perf_counter()
-            n_failed = len(getattr(gen, "failed", []))
-
-            def on_tokens(seqs: int, tokens: int) -> None:
-                tok["seq"] += seqs
-                tok["tokens"] += tokens
-
-            for i, gens in gen.generate(prompts, n=n, greedy=greedy, temperature=temperature, top_p=top_p,
-                                        max_new_tokens=max_new_tokens, seed=seed + w, batch_size=batch_size,
-                                        chat=chat, on_tokens=on_tokens):
-                tok["gen_s"] += time.perf_counter() - t_gen
-                p = chunk[i]
-                cands = [{"rationale": g.text, "pred": extract_answer(g.text), "tokens": g.n_tokens,
-                          "finished": g.finished} for g in gens]
-                if scorer is not None:
-                    scores = scorer.score([p["question"]] * len(cands), [c["rationale"] for c in cands],
-                                          batch_size=ranker_batch_size)
-                    for c, s in zip(cands, scores):
-                        c["score"] = round(float(s), 6)
-                votes = compute_votes([c["pred"] for c in cands],
-                                      [c["score"] for c in cands] if scorer is not None else None)
-                rec = {**problem_fields(p), "decoding": "greedy" if greedy else "sampled", "candidates": cands,
-                       "votes": votes}
-                if scorer is not None and votes[f"asc:{asc_weight}"] != votes["sc"]:
-                    stats["asc_overturned"] += 1
-                fh.write(dumps(rec) + "\n")
-                fh.flush()
-                stats["problems"] += 1
-                stats["candidates"] += len(cands)
-                stats["short"] += len(cands) < n
-                stats["unparseable"] += sum(c["pred"] is None for c in cands)
-                stats["unfinished"] += sum(not c["finished"] for c in cands)
-                stats["tokens"] += sum(c["tokens"] for c in cands)
-                rate = tok["tokens"] / tok["gen_s"] if tok["gen_s"] > 0 else 0.0
-                prog.update(task, advance=1, description=f"infer ({rate:,.0f} tok/s)")
+        for w in range(0, len(probs), window):
+            full = probs[w: w + window]
+            todo = [i for i, p in enumerate(full) if p["id"] not in done]
+            if not todo:
+                continue
+            for off, chunk in ([(0, full)] if coupled else _stretches(todo, full)):
+                # a server applies its own chat template (openai backend): send the rendered user turn
+                prompts = [build_prompt(p, tmpl, gen.tokenizer, chat and not getattr(gen, "server_chat", False))
+                           for p in chunk]
                 t_gen = time.perf_counter()
-            failed_ids.extend(chunk[i]["id"] for i, _ in getattr(gen, "failed", [])[n_failed:])
+                n_failed = len(getattr(gen, "failed", []))
+
+                def on_tokens(seqs: int, tokens: int) -> None:
+                    tok["seq"] += seqs
+                    tok["tokens"] += tokens
+
+                for i, gens in gen.generate(prompts, n=n, greedy=greedy, temperature=temperature, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, seed=seed + w + off,
+                                            batch_size=batch_size, chat=chat, on_tokens=on_tokens):
+                    tok["gen_s"] += time.perf_counter() - t_gen
+                    p = chunk[i]
+                    if p["id"] in done:  # regenerated only to replay the window's RNG stream
+                        t_gen = time.perf_counter()
+                        continue
+                    cands = [{"rationale": g.text, "pred": extract_answer(g.text), "tokens": g.n_tokens,
+                              "finished": g.finished} for g in gens]
+                    if scorer is not None:
+                        scores = scorer.score([p["question"]] * len(cands), [c["rationale"] for c in cands],
+                                              batch_size=ranker_batch_size)
+                        for c, s in zip(cands, scores):
+                            c["score"] = round(float(s), 6)
+                    votes = compute_votes([c["pred"] for c in cands],
+                                          [c["score"] for c in cands] if scorer is not None else None)
+                    rec = {**problem_fields(p), "decoding": "greedy" if greedy else "sampled", "candidates": cands,
+                           "votes": votes}
+                    if scorer is not None and votes[f"asc:{asc_weight}"] != votes["sc"]:
+                        stats["asc_overturned"] += 1
+                    fh.write(dumps(rec) + "\n")
+                    fh.flush()
+                    stats["problems"] += 1
+                    stats["candidates"] += len(cands)
+                    stats["short"] += len(cands) < n
+                    stats["unparseable"] += sum(c["pred"] is None for c in cands)
+                    stats["unfinished"] += sum(not c["finished"] for c in cands)
+                    stats["tokens"] += sum(c["tokens"] for c in cands)
+                    rate = tok["tokens"] / tok["gen_s"] if tok["gen_s"] > 0 else 0.0
+                    prog.update(task, advance=1, description=f"infer ({rate:,.0f} tok/s)")
+                    t_gen = time.perf_counter()
+                failed_ids.extend(chunk[i]["id"] for i, _ in getattr(gen, "failed", [])[n_failed:])
         fh.flush()
         os.fsync(fh.fileno())
     wall = time.perf_counter() - t_start
@@ -727,6 +753,17 @@ def _run(gen, pending: list[dict], pred_path: Path, *, tmpl, chat, n, greedy, te
                  tokens_per_s=round(stats["tokens"] / gen_s, 2) if gen_s > 0 else None,
                  candidates_per_s=round(stats["candidates"] / gen_s, 3) if gen_s > 0 else None)
     return stats
+
+
+def _stretches(todo: list[int], full: list[dict]) -> list[tuple[int, list[dict]]]:
+    """Maximal runs of consecutive indices in ``todo`` as ``(first index, problems)``."""
+    out: list[tuple[int, list[dict]]] = []
+    for i in todo:
+        if out and out[-1][0] + len(out[-1][1]) == i:
+            out[-1][1].append(full[i])
+        else:
+            out.append((i, [full[i]]))
+    return out
 
 
 def compute_votes(preds: list[str | None], scores: list[float] | None) -> dict:

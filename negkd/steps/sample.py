@@ -25,7 +25,7 @@ import typer
 
 from negkd.console import log, warn
 from negkd.errors import UserError, choice
-from negkd.io import RunDir, atomic_write_text, dumps, resolve_input
+from negkd.io import RUNNING, RunDir, atomic_write_text, dumps, resolve_input
 from negkd.schemas import FORMATS
 
 SAMPLES = "samples.jsonl"
@@ -238,7 +238,7 @@ def _discard_if_empty(out: Path, created: bool) -> None:
     files = [out / SAMPLES, out / ERRORS]
     if (out / "manifest.json").exists() or any(f.exists() and f.stat().st_size for f in files):
         return
-    for f in files + [out / STATE, out / LOCK]:
+    for f in files + [out / STATE, out / LOCK, out / RUNNING]:
         f.unlink(missing_ok=True)
     if created:
         try:
@@ -464,7 +464,7 @@ def _run(out: Path, args: dict, inputs: list[Path], probs: list[dict], prompts: 
         log(f"{out}: re-attempting the {len(errs)} failed samples of the finished run")
     _check_partial(out, run)
     run.start()
-    atomic_write_text(out / STATE, json.dumps({"args": run.args, "inputs": run.inputs}, indent=2) + "\n")
+    atomic_write_text(out / STATE, json.dumps({"args": run.args, "inputs": run.inputs}, indent=2, allow_nan=False) + "\n")
 
     done, dropped = read_done(out / SAMPLES)
     if dropped:

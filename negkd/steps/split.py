@@ -39,6 +39,9 @@ def command(
         str, typer.Option("--format", callback=choice(SAMPLE_FORMATS), help=f"Input format: {', '.join(SAMPLE_FORMATS)} (auto: detected from the first record).")
     ] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the step even if OUTPUT holds a finished run.")] = False,
+    allow_unfinished: Annotated[bool, typer.Option(
+        "--allow-unfinished", help="Accept the directory of an unfinished (killed or running) step and use the "
+        "records it holds so far, with a warning. Default: refuse it and print the command that finishes it.")] = False,
 ) -> None:
     """Grade each rationale (positive = reaches the gold final answer) and split the samples.
 
@@ -57,7 +60,8 @@ def command(
 
     if fmt not in SAMPLE_FORMATS:
         raise UserError(f"unknown --format {fmt!r} for samples; choose one of {', '.join(SAMPLE_FORMATS)}")
-    path = resolve_input(input, ["samples.jsonl", "predictions.jsonl"], produced_by="sample")
+    path = resolve_input(input, ["samples.jsonl", "predictions.jsonl"], produced_by="sample",
+                         allow_unfinished=allow_unfinished)
     run = RunDir(output, "split", {"format": fmt, "drop_unparseable": drop_unparseable}, inputs=[path],
                  overwrite=overwrite)
     if run.up_to_date():

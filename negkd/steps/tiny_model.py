@@ -30,11 +30,11 @@ def command(
     Example: negkd tiny-model -o runs/tiny
     """
     from negkd.console import log
-    from negkd.errors import UserError
+    from negkd.errors import UsageError, UserError
     from negkd.io import RunDir, iter_jsonl
 
     if hidden % heads:
-        raise UserError(f"--hidden {hidden} is not divisible by --heads {heads}")
+        raise UsageError(f"--hidden {hidden} is not divisible by --heads {heads}")
     args = dict(hidden=hidden, layers=layers, heads=heads, vocab_size=vocab_size, max_positions=max_positions,
                 seed=seed)
     run = RunDir(output, "tiny-model", args, inputs=[corpus] if corpus else [], overwrite=overwrite)

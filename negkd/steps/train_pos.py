@@ -108,7 +108,7 @@ def command(
     Example: negkd train-pos runs/split -o runs/nat --neg runs/neg
     """
     from negkd import recipe
-    from negkd.errors import UserError
+    from negkd.errors import UsageError, UserError
 
     chosen = [x for x, on in (("--neg", neg is not None), ("--no-neg", no_neg), ("--mix", mix is not None),
                               ("--nt", nt is not None), ("--ul", ul is not None)) if on]
@@ -155,9 +155,9 @@ def command(
         return
 
     if gate_dim < 1:
-        raise UserError(f"--gate-dim {gate_dim}: must be >= 1")
+        raise UsageError(f"--gate-dim {gate_dim}: must be >= 1")
     if not 0 < gate_beta <= 1:
-        raise UserError(f"--gate-beta {gate_beta}: must be in (0, 1]")
+        raise UsageError(f"--gate-beta {gate_beta}: must be in (0, 1]")
     base = _check_neg(neg, base_model, target_modules)
     r = nat_recipe(neg, la, gate_dim, gate_beta)
     recipe.train(r, [pos_src], output, mopts(base), dopts, cfg,
@@ -260,7 +260,7 @@ def _neg_hash(neg: Path) -> str:
 def _check_neg(neg: Path, base_model: str | None, target_modules: str | None) -> str:
     """Validate NEGDIR; return the base model to use (NEGDIR's unless overridden by an equal one)."""
     from negkd import nat, recipe
-    from negkd.errors import UserError
+    from negkd.errors import UsageError, UserError
 
     meta = recipe.read_meta(neg)  # before the adapter files: a NAT/NCE directory gets the kind-specific message
     if meta.get("kind") not in (None, "neg-lora"):

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from negkd import train_options as T
-from negkd.errors import UserError
+from negkd.errors import UsageError, UserError
 
 VAL_METRICS = "val_metrics.json"
 _RANK = "Ranker"
@@ -96,19 +96,19 @@ def command(
     from negkd.prompts import load_template
 
     if loss not in ("pairwise", "bce"):
-        raise UserError(f"--loss {loss!r}: expected pairwise or bce")
+        raise UsageError(f"--loss {loss!r}: expected pairwise or bce")
     if not loss_power > 0:
-        raise UserError(f"--loss-power {loss_power}: must be > 0")
+        raise UsageError(f"--loss-power {loss_power}: must be > 0")
     if pairs_per_question < 1:
-        raise UserError(f"--pairs-per-question {pairs_per_question}: must be >= 1")
+        raise UsageError(f"--pairs-per-question {pairs_per_question}: must be >= 1")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+        raise UsageError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if head_dim < 1:
-        raise UserError(f"--head-dim {head_dim}: must be >= 1")
+        raise UsageError(f"--head-dim {head_dim}: must be >= 1")
     if not 0 <= head_dropout < 1:
-        raise UserError(f"--head-dropout {head_dropout}: must be in [0, 1)")
+        raise UsageError(f"--head-dropout {head_dropout}: must be in [0, 1)")
     if score_batch_size < 1:
-        raise UserError(f"--score-batch-size {score_batch_size}: must be >= 1")
+        raise UsageError(f"--score-batch-size {score_batch_size}: must be >= 1")
     cfg = T.train_config(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                          warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                          seed=seed, save_every=save_every, log_every=log_every,
@@ -117,7 +117,8 @@ def command(
     T.check_max_length(max_length)
     tmpl = load_template(template)
 
-    # ---- data (validated before anything is loaded or written)
+    # ---- data and backbone directory (validated before anything is loaded or written)
+    backbone = _resolve_backbone(base_model)
     paths, rows = read_graded_inputs(graded)
     questions = group_by_question(rows, with_gold)
     usable = [q for q in questions.values() if q["pos"] and q["neg"]]
@@ -129,7 +130,6 @@ def command(
     log(f"ranker data: {len(rows):,} rationales, {len(questions):,} questions ({len(usable):,} with both a positive "
         f"and a negative); {len(train_qs):,} train questions -> {len(pairs):,} pairs; {len(val_qs):,} held out")
 
-    backbone = _resolve_backbone(base_model)
     from negkd.training import check_resume, fit, make_accelerator, model_device, open_run
 
     acc = make_accelerator(device)
@@ -337,9 +337,14 @@ def evaluate(scorer, val_qs: list[dict], batch_size: int = 32) -> dict:
 
 def _resolve_backbone(name: str) -> str:
     from negkd.generation import model_kind, recorded_base
+    from negkd.validate import check_model_dir
 
+    check_model_dir(name, "--base-model")  # damaged or unfinished: refused before anything loads
     if model_kind(name) in ("adapter", "nat"):
         return recorded_base(name)
+    from negkd.modeling import check_model_path
+
+    check_model_path(name)
     return name
 
 
