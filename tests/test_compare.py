@@ -20,6 +20,7 @@ def run_file(path: Path, solved: list[bool]) -> Path:
              "candidates": [{"rationale": "", "pred": "1" if ok else "2"}] * 2}
             for i, ok in enumerate(solved)]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    (path.parent / "manifest.json").write_text('{"command": "infer"}\n')  # a finished `negkd infer` run
     return path
 
 

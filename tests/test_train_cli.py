@@ -275,10 +275,12 @@ def test_nt_resume_matches_an_uninterrupted_run(trained, tiny_model):
     assert r.exit_code == 1 and "neg_weight" in r.output  # a changed weight is a different run
 
 
-def _error(runner, args, tmp_path, msg):
+def _error(runner, args, tmp_path, msg, code=None):
     out = tmp_path / "out"
     r = invoke(runner, [*args, "-o", str(out), "--device", "cpu"])
-    assert r.exit_code == (2 if msg.startswith("--") and "resume" not in msg else 1), r.output  # bad flag value: usage error
+    if code is None:  # a bad flag value is a usage error (2); a bad input (a file, a directory) is 1
+        code = 2 if msg.startswith("--") and "resume" not in msg else 1
+    assert r.exit_code == code, r.output
     lines = [x for x in r.output.strip().splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and msg in lines[0], r.output
     assert not (out / "manifest.json").exists() and not (out / "checkpoints").exists()
@@ -390,7 +392,7 @@ def test_train_pos_neg_must_be_a_neg_lora(trained, tiny_model, tmp_path):
     meta = json.loads((other / "negkd.json").read_text())
     (other / "negkd.json").write_text(json.dumps({**meta, "kind": "pos-lora"}))
     line = _error(runner, ["train-pos", str(split), "--neg", str(other)], tmp_path,
-                  f"--neg {other}: is a pos-lora adapter, not a Neg-LoRA")
+                  f"--neg {other}: is a pos-lora adapter, not a Neg-LoRA", code=1)
     assert "negkd train-neg NEG -o DIR --base-model M" in line
     _error(runner, ["train-pos", str(split), "--neg", str(trained["nat"])], tmp_path, "is a nat adapter, not a Neg-LoRA")
     # a stock PEFT adapter (no negkd.json) is still accepted, its recorded base checked
