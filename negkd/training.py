@@ -729,9 +729,8 @@ def _load_checkpoint(ck: Path, acc, unwrapped, wrapped, optimizer, scheduler, ra
     elif _is_fsdp(acc):
         from negkd import sharded
 
-        sharded.load_trainable(unwrapped, load_file(str(ck / "trainable.safetensors")))
-        sharded.load_optimizer_state(unwrapped, optimizer,
-                                     torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True))
+        sharded.load_trainable(unwrapped, load_safetensors(ck / "trainable.safetensors"))
+        sharded.load_optimizer_state(unwrapped, optimizer, safe_torch_load(ck / "optimizer.pt"))
     else:
         sd = load_safetensors(ck / "trainable.safetensors")
         with torch.no_grad():
