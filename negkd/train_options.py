@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from negkd.errors import UsageError, UserError
+from negkd.errors import UsageError
 
 # ---------------------------------------------------------------- defaults (one place)
 DEVICE = "auto"

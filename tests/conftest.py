@@ -37,6 +37,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core box: one thread is ~50x faster than two spinning.
+    Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def runner():
     from typer.testing import CliRunner
 

@@ -5,18 +5,12 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from test_train_cli import COMMON, invoke, write_split
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _first_machine(tiny_model, root, base_arg):

@@ -15,12 +15,7 @@ COMMON = ["--batch-size", "8", "--grad-accum", "1", "--lr", "1e-2", "--log-every
           "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_split(d, n=40, seed=0):

@@ -30,7 +30,7 @@ def command(
     Example: negkd tiny-model -o runs/tiny
     """
     from negkd.console import log
-    from negkd.errors import UsageError, UserError
+    from negkd.errors import UsageError
     from negkd.io import RunDir, iter_jsonl
 
     if hidden % heads:

@@ -260,7 +260,7 @@ def _neg_hash(neg: Path) -> str:
 def _check_neg(neg: Path, base_model: str | None, target_modules: str | None) -> str:
     """Validate NEGDIR; return the base model to use (NEGDIR's unless overridden by an equal one)."""
     from negkd import nat, recipe
-    from negkd.errors import UsageError, UserError
+    from negkd.errors import UserError
 
     meta = recipe.read_meta(neg)  # before the adapter files: a NAT/NCE directory gets the kind-specific message
     if meta.get("kind") not in (None, "neg-lora"):
