@@ -546,7 +546,9 @@ def _check_finite(acc, params, acc_loss, step: int, config: TrainConfig) -> None
     """Raise (on every rank alike) if the loss since the last log or any trainable weight is NaN/inf."""
     import torch
 
-    bad = (~torch.isfinite(acc_loss)).double() + sum((~torch.isfinite(p.detach())).any().double() for p in params)
+    # under FSDP2 a parameter is a DTensor: check this rank's shard; the sum below covers every shard
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    bad = (~torch.isfinite(acc_loss)).double() + sum((~torch.isfinite(t)).any().double() for t in local)
     if acc.num_processes > 1:
         bad = acc.reduce(bad, reduction="sum")
     if float(bad) > 0:
