@@ -296,3 +296,19 @@ def test_teacher_server_serves_the_study_teacher_for_rare_questions():
         assert texts == [worlds.teacher(ops, name, thing, seed=4, index=i)[0] for i in range(3)]
     finally:
         srv.shutdown()
+
+
+def test_teacher_url_serves_either_teacher_and_stops_after_the_block(tmp_path):
+    """The drivers' shared server helper (run.teacher_url): the named teacher answers inside the
+    block, and nothing listens once the block is left."""
+    import urllib.error
+    import urllib.request
+
+    import run
+
+    for teacher in ("v1", "study"):
+        with run.teacher_url(tmp_path, teacher=teacher) as url:
+            with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
+                assert r.status == 200
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"{url}/models", timeout=2)

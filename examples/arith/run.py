@@ -24,6 +24,7 @@ with the same command is skipped, so an interrupted run resumes by rerunning the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -136,29 +137,35 @@ def prepare_data() -> None:
         subprocess.run([PY, str(HERE / "probe_base.py"), "--base", str(BASE), "--data", str(DATA)], check=True)
 
 
-def teacher_samples(seed: int, sdir: Path) -> Path:
-    out = sdir / "teacher"
+@contextlib.contextmanager
+def teacher_url(sdir: Path, teacher: str = "v1", wait_s: float = 20.0):
+    """Serve the arithmetic teacher (``teacher_server.py --teacher``) on 127.0.0.1 for the block;
+    yields its base URL. Shared by this v1 driver and the worlds study (study.py)."""
     url_file = sdir / ".teacher-url"
     url_file.unlink(missing_ok=True)
-    srv = subprocess.Popen([PY, str(HERE / "teacher_server.py"), "--url-file", str(url_file)],
+    srv = subprocess.Popen([PY, str(HERE / "teacher_server.py"), "--url-file", str(url_file), "--teacher", teacher],
                            stdout=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            if url_file.is_file():
-                break
+        deadline = time.monotonic() + wait_s
+        while not url_file.is_file():
+            if time.monotonic() > deadline:
+                sys.exit("teacher server did not start")
             time.sleep(0.1)
-        else:
-            sys.exit("teacher server did not start")
-        url = url_file.read_text().strip()
+        yield url_file.read_text().strip()
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def teacher_samples(seed: int, sdir: Path) -> Path:
+    out = sdir / "teacher"
+    with teacher_url(sdir) as url:
         cmd = [NEGKD, "sample", DATA / "train.jsonl", "-o", out, "--base-url", url, "--model", "arith-teacher",
                "--prompt", DATA / "teacher_prompt.json", "--n", TEACHER_N, "--temperature", 0.7,
                "--seed", seed, "--concurrency", 8]
         # the URL (a random port) is not part of the skip key
         key = " ".join(str(c) for c in cmd).replace(url, "URL")
         sh(cmd, out, env={"OPENAI_API_KEY": "none"}, key=key)
-    finally:
-        srv.terminate()
-        srv.wait()
     return out
 
 

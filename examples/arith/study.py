@@ -140,25 +140,11 @@ def prepare(world_seed: int, pretrain_steps: int) -> dict[str, Path]:
 
 def teacher_samples(data: Path, world: str, seed: int, sdir: Path) -> Path:
     out = sdir / "teacher"
-    url_file = sdir / ".teacher-url"
-    url_file.unlink(missing_ok=True)
-    srv = subprocess.Popen([PY, str(HERE / "teacher_server.py"), "--url-file", str(url_file), "--teacher", "study"],
-                           stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if url_file.is_file():
-                break
-            time.sleep(0.1)
-        else:
-            sys.exit("teacher server did not start")
-        url = url_file.read_text().strip()
+    with run.teacher_url(sdir, teacher="study") as url:
         cmd = [NEGKD, "sample", data / f"train-{world}.jsonl", "-o", out, "--base-url", url, "--model", "arith-teacher",
                "--prompt", data / "teacher_prompt.json", "--n", TEACHER_N, "--temperature", 0.7, "--seed", seed,
                "--concurrency", 8]
         run.sh(cmd, out, env={"OPENAI_API_KEY": "none"}, key=" ".join(str(c) for c in cmd).replace(url, "URL"))
-    finally:
-        srv.terminate()
-        srv.wait()
     return out
 
 
