@@ -418,7 +418,8 @@ def write(P: dict, tag: str, seeds: list[int], S: int, methods: list[str], missi
               f"NAT-null after an S-step Neg-LoRA; NAT+NCE after NAT), lr {study.LR:g}, LoRA r={study.TRAIN['lora_r']} "
               f"all-linear, d_g = {study.GATE_DIM}; teacher {study.TEACHER_N} samples per training problem. "
               "Pre-registration: README.md (committed before any result).\n"]
-    out = out or HERE / "RESULTS.md"
+    # only the study itself (tag full) writes the committed RESULTS.md; a quick smoke stays in work/
+    out = out or (HERE / "RESULTS.md" if tag == "full" else P["root"] / tag / "RESULTS.md")
     text = build(data, out.parent, header, missing)
     text += "## Exact commands\n\n```\n" + "\n".join(c.replace(str(HERE) + "/", "") for c in log) + "\n```\n"
     tmp = out.with_suffix(".tmp")
