@@ -95,17 +95,7 @@ def worker_negkd(work: Path, budget: int | None) -> dict:
 
     spec, tok, exs, _ = load_examples(work)
     model = lora_model(work)
-    count = {"target": 0, "real": 0, "positions": 0, "passes": 0, "max_positions": 0}
-    coll = Collator(tok.pad_token_id)
-
-    def collate(items):
-        b = coll(items)
-        count["target"] += n_target(b["labels"])
-        count["positions"] += b["input_ids"].numel()
-        count["real"] += int(b["attention_mask"].sum())
-        count["max_positions"] = max(count["max_positions"], b["input_ids"].numel())
-        count["passes"] += 1
-        return b
+    count, collate = counting(Collator(tok.pad_token_id))
 
     cfg = TrainConfig(batch_size=spec["batch_size"], grad_accum=1, max_steps=spec["steps"], lr=1e-4, warmup=0,
                       schedule="constant", max_grad_norm=1.0, seed=spec["seed"], log_every=1, save_every=0,
@@ -115,6 +105,23 @@ def worker_negkd(work: Path, budget: int | None) -> dict:
               lengths=lengths(exs), accelerator=make_accelerator("cpu"), desc="negkd")
     sec = time.perf_counter() - t0
     return {**count, "seconds": sec, "tokens": res.tokens, "losses": [r["loss"] for r in res.history]}
+
+
+def counting(inner):
+    """Wrap a collator so it counts what every forward pass sees: target and real tokens, padded
+    positions, passes and the largest pass; returns (the counts dict, the wrapped collator)."""
+    count = {"target": 0, "real": 0, "positions": 0, "passes": 0, "max_positions": 0}
+
+    def collate(items):
+        b = inner(items)
+        count["target"] += n_target(b["labels"])
+        count["positions"] += b["input_ids"].numel()
+        count["real"] += int(b["attention_mask"].sum())
+        count["max_positions"] = max(count["max_positions"], b["input_ids"].numel())
+        count["passes"] += 1
+        return b
+
+    return count, collate
 
 
 def _trl_trainer(work: Path, spec, tok, exs, exact: bool, **cfg_kw):
@@ -144,17 +151,7 @@ def _trl_trainer(work: Path, spec, tok, exs, exact: bool, **cfg_kw):
 def worker_trl(work: Path, exact: bool, extra: dict) -> dict:
     spec, tok, exs, _ = load_examples(work)
     trainer = _trl_trainer(work, spec, tok, exs, exact, **extra)
-    count = {"target": 0, "real": 0, "positions": 0, "passes": 0, "max_positions": 0}
-    inner = trainer.data_collator
-
-    def collate(items):
-        b = inner(items)
-        count["target"] += n_target(b["labels"])
-        count["positions"] += b["input_ids"].numel()
-        count["real"] += int(b["attention_mask"].sum())
-        count["max_positions"] = max(count["max_positions"], b["input_ids"].numel())
-        count["passes"] += 1
-        return b
+    count, collate = counting(trainer.data_collator)
 
     trainer.data_collator = collate
     t0 = time.perf_counter()
