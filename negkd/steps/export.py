@@ -196,7 +196,7 @@ def _merged(adapter: Path, output: Path, base_model: str | None, dtype: str, tru
 
     from negkd.console import log
     from negkd.generation import model_kind, read_meta, recorded_base
-    from negkd.io import RunDir, atomic_write_text
+    from negkd.io import RunDir, atomic_write_text, read_json
 
     adapter = Path(adapter)
     if not adapter.is_dir():
@@ -211,10 +211,7 @@ def _merged(adapter: Path, output: Path, base_model: str | None, dtype: str, tru
     base = base_model or recorded_base(adapter)
     cfg = Path(base) / "config.json"
     if cfg.is_file():
-        try:
-            qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{cfg}: not valid JSON ({e})") from None
+        qc = read_json(cfg, dict, fix="the base model directory is damaged").get("quantization_config")
         if qc:
             raise UserError(f"{base}: is a quantized checkpoint ({qc.get('quant_method', 'quantized')}); merging a "
                             "LoRA into quantized weights loses the adapter's precision. Pass the unquantized base "
@@ -261,8 +258,7 @@ def _merged(adapter: Path, output: Path, base_model: str | None, dtype: str, tru
 
 def _saved_dtype(base: str, dtype: str) -> str:
     """The dtype name to merge and save in: --dtype, or with auto the base checkpoint's own (else float32)."""
-    import json
-
+    from negkd.io import read_json
     from negkd.modeling import DTYPES
 
     if dtype not in DTYPES:
@@ -272,6 +268,6 @@ def _saved_dtype(base: str, dtype: str) -> str:
     cfg = Path(base) / "config.json"
     name = None
     if cfg.is_file():
-        doc = json.loads(cfg.read_text(encoding="utf-8"))
+        doc = read_json(cfg, dict, fix="the base model directory is damaged")
         name = doc.get("dtype") or doc.get("torch_dtype")
     return name if name in DTYPES[1:] else "float32"
