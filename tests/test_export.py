@@ -143,6 +143,8 @@ def test_nothing_to_export_and_usage_errors(runner, tmp_path):
     assert r.exit_code == 1 and "no such file" in r.output
     r = export(runner, d, "-o", tmp_path / "o", "--format", "trl-orpo")
     assert r.exit_code == 2
+    r = export(runner, d, "-o", tmp_path / "o", "--format", "merged", "--dtype", "float8")
+    assert r.exit_code == 2 and "--dtype 'float8'" in r.output
 
 
 def _greedy(model, tok, prompts):

@@ -284,6 +284,8 @@ def test_bad_options_are_usage_errors(runner, server, tmp_path):
     assert r.exit_code == 2 and "--temperature must be > 0" in r.output
     r = sample(runner, server, probs, tmp_path / "run", "--chat-template")
     assert r.exit_code == 2 and "applies to --backend hf" in r.output
+    r = sample(runner, server, probs, tmp_path / "run", *[a for i in range(5) for a in ("--stop", f"S{i}")])
+    assert r.exit_code == 2 and "--stop given 5 times" in r.output
     assert not (tmp_path / "run").exists()
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from negkd import train_options as T
-from negkd.errors import UserError, choice
+from negkd.errors import UsageError, UserError, choice
 
 FORMATS = ("trl-sft", "trl-kto", "trl-dpo", "merged")
 TRAIN = "train.jsonl"  # the dataset: exactly the columns TRL documents
@@ -197,7 +197,10 @@ def _merged(adapter: Path, output: Path, base_model: str | None, dtype: str, tru
     from negkd.console import log
     from negkd.generation import model_kind, read_meta, recorded_base
     from negkd.io import RunDir, atomic_write_text, read_json
+    from negkd.modeling import DTYPES
 
+    if dtype not in DTYPES:  # a bad flag value is a usage error, found before any input is read
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     adapter = Path(adapter)
     if not adapter.is_dir():
         raise UserError(f"{adapter}: no such adapter directory; --format merged takes a PEFT adapter dir "
@@ -261,8 +264,6 @@ def _saved_dtype(base: str, dtype: str) -> str:
     from negkd.io import read_json
     from negkd.modeling import DTYPES
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype != "auto":
         return dtype
     cfg = Path(base) / "config.json"

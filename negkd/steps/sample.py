@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from negkd.console import log, warn
-from negkd.errors import UserError, choice
+from negkd.errors import UsageError, UserError, choice
 from negkd.io import RUNNING, RunDir, atomic_write_text, dumps, resolve_input
 from negkd.schemas import FORMATS
 
@@ -168,7 +168,7 @@ def command(
     tprompt = load_prompt(prompt)
     stops = list(stop) if stop else None
     if stops is not None and len(stops) > 4:
-        raise UserError(f"--stop given {len(stops)} times; OpenAI-compatible servers take at most 4 stop sequences")
+        raise UsageError(f"--stop given {len(stops)} times; OpenAI-compatible servers take at most 4 stop sequences")
     # stop sequences only matter for plain-text prompts (chat turns end by themselves)
     uses_text = (backend == Backend.openai and api == Api.completions) or (backend == Backend.hf and not chat_template)
     if stops is None:
