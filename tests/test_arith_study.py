@@ -83,6 +83,24 @@ def test_pretraining_never_shows_the_rare_skill():
     assert not any("market" in d for d in corpus)
 
 
+def test_study_base_sees_the_rare_words_but_never_the_rule():
+    """pretrain.py --market-words: some documents carry "trades ... at the market", none a number
+    near it, so the rule (3 * x - 2) is still learnable only from distillation data."""
+    import pretrain
+
+    rng = random.Random(2)
+    docs = [pretrain.document(rng, market_words=0.05) for _ in range(2000)]
+    market = [d for d in docs if "market" in d]
+    assert 50 <= len(market) <= 160  # ~5% of 2,000
+    assert all("trades" in d or " trade " in d for d in market)
+    assert not any(re.search(r"\d", d) for d in market)  # no amount, so no rule
+    assert all("at the market" in d for d in market)
+    splits = {"train": worlds.make_world_splits(3, SMALL)["train-control"]}
+    corpus = pretrain.tokenizer_corpus(splits, n_docs=400, market_words=0.05)
+    assert any("market" in d for d in corpus) and not any(re.search(r"market.*\d|\d.*market", d) for d in corpus)
+    assert not any("market" in pretrain.document(random.Random(i)) for i in range(300))  # v1: off by default
+
+
 def test_per_step_error_rate_depends_on_length_not_on_skill():
     """Many seeded teacher samples at levels 2 and 5: the per-step error rate of the rare skill equals the
     common skills' (two-proportion z-test, |z| < 3.5) and the level's nominal rate; it grows with length."""

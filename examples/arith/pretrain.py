@@ -29,12 +29,23 @@ CONFIG = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_a
               num_key_value_heads=4, max_position_embeddings=256)
 
 
-def tokenizer_corpus(splits: dict[str, list[dict]], n_docs: int = 3000) -> list[str]:
+def document(rng: random.Random, avoid: set[str] = frozenset(), market_words: float = 0.0) -> str:
+    """One pretraining document: ``arithgen.pretrain_text``, or with probability ``market_words`` a
+    number-free sentence with the study's rare-skill words (``worlds.vocab_text``; never the rule)."""
+    if market_words and rng.random() < market_words:
+        import worlds
+
+        return worlds.vocab_text(rng)
+    return arithgen.pretrain_text(rng, avoid)
+
+
+def tokenizer_corpus(splits: dict[str, list[dict]], n_docs: int = 3000, market_words: float = 0.0) -> list[str]:
     """Text the BPE merges are learnt from: pretraining documents plus the fine-tuning format's
     fixed words (vocabulary only; no model is trained on it here). Problems with the study's rare
-    skill (worlds.py) are left out, so its words get no merges of their own."""
+    skill (worlds.py) are left out, so the rule's lines get no merges of their own (its words do when
+    ``market_words`` puts them in the pretraining documents)."""
     rng = random.Random(7)
-    docs = [arithgen.pretrain_text(rng) for _ in range(n_docs)]
+    docs = [document(rng, market_words=market_words) for _ in range(n_docs)]
     common = [p for p in splits["train"] if "market" not in p["question"]]
     docs += [f"Problem:\n{p['question']}\nSolution:\n{p['solution']}" for p in common[:500]]
     return docs
@@ -48,9 +59,14 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--market-words", type=float, default=0.0,
+                    help="share of documents that are number-free sentences with the worlds study's rare-skill "
+                         "words (worlds.vocab_text; the rule itself is never shown). 0 for the v1 reproduction")
     args = ap.parse_args(argv)
 
     stamp = {"config": CONFIG, "corpus": CORPUS_VERSION, "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch": [8, 256]}
+    if args.market_words:  # only then, so the v1 reproduction's cached base stays valid
+        stamp["market_words"] = args.market_words
     done = args.out / "pretrain.json"
     if done.is_file() and json.loads(done.read_text()).get("stamp") == stamp:
         print(f"pretrained base model up to date in {args.out}; reusing it")
@@ -65,7 +81,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     splits = {s: [json.loads(l) for l in (args.splits / f"{s}.jsonl").open()] for s in ("train", "val", "test", "ood")}
     avoid = {p["question"] for s in ("val", "test", "ood") for p in splits[s]}
-    tok = build_tokenizer(tokenizer_corpus(splits), vocab_size=400)
+    tok = build_tokenizer(tokenizer_corpus(splits, market_words=args.market_words), vocab_size=400)
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -81,7 +97,7 @@ def main(argv=None) -> None:
     def batch():
         nonlocal buf
         while len(buf) < B * T:
-            text = arithgen.pretrain_text(rng, avoid)
+            text = document(rng, avoid, args.market_words)
             buf += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         x = torch.tensor(buf[: B * T]).view(B, T)
         buf = buf[B * T:]

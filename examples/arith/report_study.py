@@ -436,7 +436,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="quick")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--world-seed", type=int, default=int(os.environ.get("WORLD_SEED", 0)))
-    ap.add_argument("--steps", type=int, default=150, help="S of the runs (for the header)")
+    ap.add_argument("--steps", type=int, default=400, help="S of the runs (for the header)")
     args = ap.parse_args(argv)
     methods, missing = study.available_methods(study.METHODS)
     write(study.paths(args.world_seed), args.tag, [int(s) for s in args.seeds.split(",")], args.steps, methods,

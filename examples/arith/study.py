@@ -70,6 +70,9 @@ LR = 3e-3
 GATE_DIM = 16  # d_g, scaled to hidden 128 (method.md's 128 was for 4k-wide models)
 NEG_WEIGHT = 0.05
 TEACHER_N = 4
+# Share of the base's pretraining documents that are number-free sentences with the rare skill's words
+# (worlds.vocab_text). Added after the pilot (README): with 0, no student could emit "trades"/"market".
+MARKET_WORDS = 0.05
 CURVE_POINTS = 4  # learning curve: val accuracy every S / CURVE_POINTS steps (seed 0)
 ASC_TRAIN = 100  # training problems the NAT student samples 16 rationales for (the ranker's data)
 ASC_SAMPLES = 16
@@ -134,7 +137,8 @@ def prepare(world_seed: int, pretrain_steps: int) -> dict[str, Path]:
                for lv in (2, 3)]
         prompt.write_text(json.dumps({**run.TEACHER_PROMPT, "examples": exs}, indent=1))
     subprocess.run([PY, str(HERE / "pretrain.py"), "--splits", str(data), "--out", str(P["base"]),
-                    "--steps", str(pretrain_steps), "--threads", os.environ["OMP_NUM_THREADS"]], check=True)
+                    "--steps", str(pretrain_steps), "--threads", os.environ["OMP_NUM_THREADS"],
+                    "--market-words", str(MARKET_WORDS)], check=True)
     return P
 
 
@@ -392,7 +396,7 @@ def main(argv=None) -> None:
     ap.add_argument("--world-seed", type=int, default=int(os.environ.get("WORLD_SEED", 0)),
                     help="seed of both worlds' splits (default: $WORLD_SEED or 0)")
     ap.add_argument("--worlds", default=",".join(worlds.WORLDS))
-    ap.add_argument("--steps", type=int, default=150, help="S: optimizer steps per method (CoT-KD-long: 2S); 150 fits make full in its budget (README)")
+    ap.add_argument("--steps", type=int, default=400, help="S: optimizer steps per method (CoT-KD-long: 2S); 400: at 150 the rare skill stays at the floor (README, pilots)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--no-curves", action="store_true", help="skip the learning curves (seed 0)")
     ap.add_argument("--no-asc", action="store_true", help="skip SC vs ASC")

@@ -4,8 +4,10 @@ A problem is a chain of *skills* applied to one quantity (``arithgen``'s ops). T
 ``add``, ``sub``, ``bags`` and ``times``; the **rare skill** is ``market``, a made-up exchange rule
 ("Ann trades all apples at the market.": the amount x becomes ``3 * x - 2``). The rule is stated
 nowhere in the question: a student can only learn it from rationales that apply it. The base model's
-pretraining text (``arithgen.pretrain_text``) never contains it (``pretrain.py`` also keeps it out of
-the tokenizer corpus).
+pretraining text never contains the rule: ``arithgen.pretrain_text`` has no rare-skill problem, and
+the study's base (``pretrain.py --market-words``) sees the rule's *words* only in :func:`vocab_text`
+documents, which carry no number (a base whose output embeddings for "trades"/"market" stayed random
+could not emit the rare step line at all: the pilot in README.md).
 
 Two worlds differ in ONE thing, where the rare skill sits in the *training* split:
 
@@ -167,6 +169,18 @@ def make_world_splits(world_seed: int = 0, sizes: dict | None = None) -> dict[st
 # ----------------------------------------------------------------------------- parsing (rare skill too)
 
 _RARE_SENT = "{name} trades all {thing} at the market."
+
+
+def vocab_text(rng: random.Random) -> str:
+    """A pretraining document with the rare skill's words and no number: "Ann trades at the market.",
+    "Bo trades all pens at the market." and the like. LoRA leaves the tied embeddings frozen, so the
+    base must have emitted these tokens for any student to write the rare step line; what the trade
+    does to an amount (the rule) is never shown, so it is still learnable only from distillation data."""
+    name, other, thing = rng.choice(NAMES), rng.choice(NAMES), rng.choice(THINGS)
+    sents = [f"{name} trades at the market.", _RARE_SENT.format(name=name, thing=thing),
+             f"{other} trades at the market too.", f"{name} and {other} trade {thing} at the market."]
+    rng.shuffle(sents)
+    return " ".join(sents[: rng.randint(1, 3)]) + "\n"
 
 
 def question_has_rare(question: str) -> bool:
