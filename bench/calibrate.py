@@ -124,12 +124,12 @@ def batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     out = []
     n_prompt = seq // 4
-    for _ in range(n):
+    for i in range(n):
         ids = torch.randint(4, vocab, (batch, seq), generator=g)
         labels = ids.clone()
         labels[:, :n_prompt] = -100
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-                    "idx": torch.arange(batch)})
+                    "idx": torch.arange(i * batch, (i + 1) * batch)})  # distinct examples (the beta cache keys)
     return out
 
 
@@ -139,7 +139,7 @@ def two_copy_objective(student, teacher_model):
     from negkd.steps.calibrate import NCEObjective
 
     class TwoCopy(NCEObjective):
-        def teacher(self, input_ids, attention_mask, labels, skip=0):
+        def teacher(self, input_ids, attention_mask, labels, skip=0, idx=None):
             import torch
 
             from negkd import nat, nce

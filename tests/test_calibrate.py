@@ -167,6 +167,67 @@ def test_resume_extends_run_and_merges_calibration(pipe, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["steps"] == 5
 
 
+def test_beta_is_computed_once_per_example_and_reused_exactly(pipe):
+    """The Neg-LoRA-only pass runs once per example: a micro-batch whose rows all have a beta
+    reuses it (same loss bit for bit); a batch with an unseen row computes afresh."""
+    from negkd.data import Collator, build_examples
+    from negkd.modeling import load_model, load_tokenizer
+    from negkd.steps.calibrate import NCEObjective, build_student
+
+    tok = load_tokenizer(str(pipe["base"]))
+    examples, _ = build_examples(_rows(4, True), tok, "{question}\n")
+    col = Collator(tok.pad_token_id)
+    la = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    student = build_student(load_model(str(pipe["base"]), device="cpu", dtype="float32"), pipe["nat"], la)
+    obj = NCEObjective(student)
+    first, _ = obj(student, col(examples[:2]))
+    assert (obj.neg_passes, obj.cached_batches) == (1, 0)
+    again, _ = obj(student, col(examples[:2]))
+    assert (obj.neg_passes, obj.cached_batches) == (1, 1)
+    assert again.item() == first.item()
+    fresh = NCEObjective(student)  # no cache: the same beta computed again
+    _, beta_f, kl_f, _ = fresh.teacher(*(col(examples[:2])[k] for k in ("input_ids", "attention_mask", "labels")))
+    _, beta_c, kl_c, _ = obj.teacher(*(col(examples[:2])[k] for k in ("input_ids", "attention_mask", "labels")),
+                                     idx=col(examples[:2])["idx"])
+    assert torch.equal(beta_f, beta_c) and torch.equal(kl_f, kl_c) and float(beta_c.min()) > 0
+    obj(student, col(examples[1:3]))  # example 2 is new: the whole micro-batch is computed
+    assert (obj.neg_passes, obj.cached_batches) == (2, 2)
+
+
+def test_resume_across_epochs_equals_an_uninterrupted_run(pipe, tmp_path, monkeypatch):
+    """Betas reused in epoch 2 come from the records when the run was interrupted in epoch 1: the
+    resumed adapter equals the uninterrupted one bit for bit."""
+    from safetensors.torch import load_file
+
+    from negkd.steps.calibrate import NCEObjective
+
+    base = ["calibrate", str(pipe["pos"]), "--nat", str(pipe["nat"]), "--lora-r", "4", "--max-steps", "6",
+            "--save-every", "1", *FAST]  # 10 examples, batch 4: 3 steps an epoch
+    _ok(base + ["-o", str(tmp_path / "a")])
+    real, calls = NCEObjective.__call__, {"n": 0}
+
+    def dies_at_step_3(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, model, batch)
+
+    monkeypatch.setattr(NCEObjective, "__call__", dies_at_step_3)
+    assert _invoke(base + ["-o", str(tmp_path / "b")]).exit_code != 0
+    monkeypatch.setattr(NCEObjective, "__call__", real)
+    made, init = [], NCEObjective.__init__
+    monkeypatch.setattr(NCEObjective, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    r = _ok(base + ["-o", str(tmp_path / "b"), "--resume"])
+    assert "resuming" in r.output
+    # step 3 (2 unseen examples) computes; epoch 2 (steps 4-6) reuses the recorded and the new betas
+    assert (made[-1].neg_passes, made[-1].cached_batches) == (1, 3)
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cal = {c["idx"]: c["beta"] for c in _records(tmp_path / "a" / "calibration.jsonl")}
+    assert len(cal) == 10 and all(0 < v < 1 for v in cal.values())
+
+
 def test_no_calibration_is_plain_kd_and_gold_from_a_split_dir(pipe, tmp_path):
     split = tmp_path / "split"  # a `negkd split` directory; neg.jsonl has 2 problems with no positive
     split.mkdir()

@@ -49,6 +49,11 @@ class NCEObjective:
     ``peft_model`` is the unwrapped PeftModel (student LoRA) whose base linears carry NAT
     layers; ``fit`` passes the (possibly DDP-wrapped) same model as ``model`` for the student pass.
     ``record`` (a path) appends one JSON line per example seen: ``idx, id, k, beta, kl, tokens``.
+
+    Both teachers are frozen and run in eval mode, so ``beta_seq`` is a fixed function of the
+    example: it is kept per example index once computed, and a micro-batch whose rows all have
+    one skips the Neg-LoRA-only pass (from the second epoch on; ``seed_cache`` fills it from the
+    records of an interrupted run). The NAT pass, which gives the soft targets, runs every step.
     """
 
     def __init__(self, peft_model, kd_weight: float = 0.5, temperature: float = 1.0, beta_offset: float = 0.5,
@@ -61,6 +66,8 @@ class NCEObjective:
         self._betas: list = []  # (B,) tensors since the last metrics() call
         self._kls: list = []
         self._keep_ok: bool | None = None  # does the model's forward take logits_to_keep?
+        self._cache: dict[int, tuple[float, float]] = {}  # example idx -> (beta, kl), exact float32 values
+        self.neg_passes = self.cached_batches = 0
         from negkd import nat
 
         self._nat_layers = list(nat.nat_layers(peft_model).values())  # found once, not per pass
@@ -85,11 +92,30 @@ class NCEObjective:
         kw = {"logits_to_keep": input_ids.shape[1] - skip} if skip else {}
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits
 
+    # -- beta per example ----------------------------------------------------------
+    def seed_cache(self, records: list[dict]) -> None:
+        """Known ``(beta, kl)`` per example index, from calibration records (``merge_records``)."""
+        for r in records:
+            self._cache[int(r["idx"])] = (float(r["beta"]), float(r["kl"]))
+
+    def _cached(self, idx, device):
+        """(beta (B,), kl (B,)) float32 when every row of the micro-batch has them, else None."""
+        import torch
+
+        if idx is None:
+            return None
+        rows = [self._cache.get(int(i)) for i in idx.tolist()]
+        if any(r is None for r in rows):
+            return None
+        t = torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 2)
+        return t[:, 0].contiguous(), t[:, 1].contiguous()
+
     # -- teacher -----------------------------------------------------------------
-    def teacher(self, input_ids, attention_mask, labels, skip: int = 0):
+    def teacher(self, input_ids, attention_mask, labels, skip: int = 0, idx=None):
         """(p_nat (B, L-1-skip, V) float32, beta (B,), kl (B,), mask (B, L-1-skip)) without gradients.
 
-        Aligned like ``nce.shift``: position t predicts ``labels[:, skip + t + 1]``."""
+        Aligned like ``nce.shift``: position t predicts ``labels[:, skip + t + 1]``. ``idx`` (B,):
+        the rows' example indices, for the per-example beta cache (None: always compute)."""
         import torch
 
         from negkd import nat, nce
@@ -104,12 +130,20 @@ class NCEObjective:
             with torch.no_grad(), m.disable_adapter():
                 with nat.using_mode(m, "nat", self._nat_layers):
                     z_nat = self._forward(m, input_ids, attention_mask, skip)[:, :-1]  # (B, L-1-skip, V)
-                if self.calibrate:
+                known = self._cached(idx, z_nat.device) if self.calibrate else None
+                if known is not None:
+                    beta, kl = known
+                    self.cached_batches += 1
+                elif self.calibrate:
                     with nat.using_mode(m, "neg-only", self._nat_layers):
                         z_neg = self._forward(m, input_ids, attention_mask, skip)[:, :-1]
                     kl = nce.sequence_kl(z_nat, z_neg, mask, self.temperature)  # (B,) mean KL(p_neg || p_nat)
                     del z_neg
                     beta = torch.tanh(kl)  # eq. (1); 0 for a row without targets
+                    self.neg_passes += 1
+                    if idx is not None:
+                        for i, b_, k_ in zip(idx.tolist(), beta.tolist(), kl.tolist()):
+                            self._cache[int(i)] = (b_, k_)
                 else:
                     kl = beta = torch.zeros(input_ids.shape[0], device=z_nat.device)
                 p_nat = nce.teacher_probs(z_nat, self.temperature)  # (B, L-1, V) float32
@@ -125,7 +159,7 @@ class NCEObjective:
 
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         skip = self._skip(labels)
-        p_nat, beta, kl, mask = self.teacher(ids, am, labels, skip)
+        p_nat, beta, kl, mask = self.teacher(ids, am, labels, skip, batch.get("idx"))
         z = self._forward(model, ids, am, skip)  # NAT unit is "off": the student; (B, L-skip, V)
         z_stu, y = nce.shift(z, labels[:, skip:])  # (B, L-1-skip, V), (B, L-1-skip)
         loss, parts = nce.nce_loss(z_stu, y, p_nat, beta, mask, kd_weight=self.kd_weight,
@@ -147,7 +181,7 @@ class NCEObjective:
         for i, j in enumerate(idx):
             src = self.sources[j] if self.sources is not None else "sample"
             lines.append(dumps({"idx": j, "id": batch["id"][i], "k": batch["k"][i], "source": src,
-                                "beta": round(bs[i], 6), "kl": round(ks[i], 6), "tokens": int(toks[i])}))
+                                "beta": bs[i], "kl": ks[i], "tokens": int(toks[i])}))  # exact: a resume reuses them
         with open(self.record, "a", encoding="utf-8") as fh:
             fh.write("".join(x + "\n" for x in lines))
 
@@ -473,6 +507,8 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
     objective = NCEObjective(student, kd_weight=nce_args["kd_weight"], temperature=nce_args["temperature"],
                              beta_offset=nce_args["beta_offset"], calibrate=nce_args["calibration"], record=part,
                              sources=sources)
+    if resume and nce_args["calibration"]:  # betas of examples seen before the interruption
+        objective.seed_cache(merge_records(out, out / CALIBRATION))
 
     meta = {"kind": "nce-lora", **ident, "template": dopts.template, "chat_template": dopts.chat_template,
             "loss_on_prompt": dopts.loss_on_prompt, "max_length": dopts.max_length,
