@@ -49,6 +49,11 @@ def command(
                                        rich_help_panel=_MODEL, show_default=False)],
     adapter: Annotated[Optional[Path], typer.Option(help="A PEFT LoRA adapter dir to apply on top of --model (a base).",
                                                     rich_help_panel=_MODEL)] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="With an adapter or NAT checkpoint as --model: load it on "
+                                                           "this base instead of the one it records (a run directory "
+                                                           "moved to another machine). It must be the same model: same "
+                                                           "config.json and directory name.",
+                                                      rich_help_panel=_MODEL)] = None,
     ranker: Annotated[Optional[Path], typer.Option(help="A ranker dir (`negkd train-ranker` output): scores every "
                                                         "candidate in (0,1) and adds the ASC votes.",
                                                    rich_help_panel=_VOTE)] = None,
@@ -186,7 +191,7 @@ def command(
     for d in (model, adapter):
         if d is not None:
             check_model_dir(d, "--adapter" if d is adapter else "--model")
-    spec = _resolve_student(model, adapter)
+    spec = _resolve_student(model, adapter, base_model)
     if backend is not Backend.hf and spec["kind"] == "nat":
         raise UserError(f"{model}: a NAT checkpoint runs only on --backend hf (no stock server can run the "
                         "integration unit); distill it into a plain LoRA with `negkd calibrate` to serve it elsewhere")
@@ -289,7 +294,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return k, n_
 
 
-def _resolve_student(model: str, adapter: Path | None) -> dict:
+def _resolve_student(model: str, adapter: Path | None, base_model: str | None = None) -> dict:
     """{kind, base, adapter, nat}: which base model, PEFT adapter and NAT checkpoint to load."""
     from negkd.generation import model_kind, recorded_base
 
@@ -301,12 +306,34 @@ def _resolve_student(model: str, adapter: Path | None) -> dict:
         if kind != "base":
             raise UserError(f"--model {model} is itself a {'NAT checkpoint' if kind == 'nat' else 'PEFT adapter'}; "
                             "pass --adapter only with a base model")
+    if base_model is not None and (kind == "base" or adapter is not None):
+        raise UsageError("--base-model goes with an adapter or NAT checkpoint as --model; with a base model, "
+                         "pass the base itself as --model")
+    if adapter is not None:
         return dict(kind="adapter", base=model, adapter=str(adapter), nat=None)
+    if kind == "base":
+        return dict(kind="base", base=model, adapter=None, nat=None)
+    base = recorded_base(model) if base_model is None else _moved_base(model, base_model)
     if kind == "adapter":
-        return dict(kind="adapter", base=recorded_base(model), adapter=str(model), nat=None)
-    if kind == "nat":
-        return dict(kind="nat", base=recorded_base(model), adapter=None, nat=str(model))
-    return dict(kind="base", base=model, adapter=None, nat=None)
+        return dict(kind="adapter", base=base, adapter=str(model), nat=None)
+    return dict(kind="nat", base=base, adapter=None, nat=str(model))
+
+
+def _moved_base(model: str, given: str) -> str:
+    """``given`` when it is the base ``model`` (an adapter / NAT dir) was trained on, by its negkd record:
+    the name as recorded, or the same config.json hash and directory name."""
+    from negkd import recipe
+    from negkd.generation import read_meta
+
+    meta = read_meta(Path(model))
+    recorded = {k: meta.get(k) for k in ("base_model", "base_model_path", "base_config_sha256")}
+    if not recorded["base_model"]:
+        return given  # a stock PEFT adapter without negkd metadata: nothing to check against
+    if given == recorded["base_model"] or recipe.same_base(recipe.base_identity(given), recorded):
+        return given
+    raise UserError(f"--base-model {given}: {model} was trained on {recorded['base_model']} "
+                    f"({recorded['base_model_path']}), a different model (config.json or directory name differs); "
+                    "drop --base-model to use the recorded one")
 
 
 def _prepare_resume(run, overwrite: bool, ids: set[str]) -> set[str]:
