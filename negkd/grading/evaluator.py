@@ -333,7 +333,17 @@ class _Eval:
         if name == "\\log" and self.peek() == ("ch", "_"):
             self.i += 1
             tok = self.peek()
-            base = self.group() if tok == ("ch", "{") else Fraction(self.take("num")[1])
+            if tok == ("ch", "{"):
+                base = self.group()
+            else:
+                digits = self.take("num")[1]
+                if len(digits) > 1 and digits.isdigit():  # \log_23 is \log_2 3: a subscript is one token
+                    base = Fraction(digits[0])
+                    if self.peek() is not None and self.peek()[0] in ("num", "var", "cmd"):
+                        raise _Bail
+                    v = _checked(_log(Fraction(digits[1:]), base))
+                    return _pow(v, power) if power is not None else v
+                base = Fraction(digits)
         if self.peek() in (("ch", "("), ("ch", "{")):
             close = ")" if self.take()[1] == "(" else "}"
             arg = self.expr()

@@ -291,7 +291,12 @@ def _real_set(s: str) -> list[_Piece] | None:
             pieces.append((lo, e[0] == "[", hi, e[2] == "]"))
     if pieces is None or any(lo >= hi or math.isnan(lo) or math.isnan(hi) for lo, _, hi, _ in pieces):
         return None
-    pieces.sort()
+    return _merge(pieces)
+
+
+def _merge(pieces: list[_Piece]) -> list[_Piece]:
+    """Sorted pieces with overlapping or touching ones joined (each piece has lo < hi)."""
+    pieces = sorted(pieces)
     merged = [pieces[0]]
     for lo, lc, hi, hc in pieces[1:]:
         plo, plc, phi, phc = merged[-1]
@@ -302,12 +307,129 @@ def _real_set(s: str) -> list[_Piece] | None:
     return merged
 
 
-def _real_sets_differ(p: str, g: str) -> bool | None:
-    """False when both answers are unions of real intervals (or inequalities in one variable) and the
-    sets differ by more than rounding; None otherwise (equal sets are left to math-verify)."""
-    if not all(re.search(r"[(\[<>]|\\[lg]e", x) for x in (p, g)):
+_IN = re.compile(r"^\s*(?:[A-Za-z]|\\[a-zA-Z]+)\s*\\in\s*(\S.*)$", re.S)  # x \in S, \theta \in S
+_REALS = ("\\mathbb{R}", "\\mathbb R", "\\R", "(-\\infty,\\infty)")
+
+
+def _minus(piece: _Piece, cut: _Piece) -> list[_Piece] | None:
+    """``piece`` without ``cut`` (both (lo, lo closed, hi, hi closed); ``cut`` may be one point,
+    lo == hi, closed): 0-2 pieces, or None when a single point would remain (not representable)."""
+    lo, lc, hi, hc = piece
+    a, ac, b, bc = cut
+    out: list[_Piece] = []
+    if lo < a:  # the part of piece below the cut
+        if hi < a:
+            return [piece]
+        out.append((lo, lc, a, hc and not ac) if hi == a else (lo, lc, a, not ac))
+    elif lo == a and lc and not ac:
         return None
-    ps, gs = _real_set(p), _real_set(g)
+    if hi > b:  # the part above it
+        if lo > b:
+            return [piece]
+        out.append((b, lc and not bc) + (hi, hc) if lo == b else (b, not bc, hi, hc))
+    elif hi == b and hc and not bc:
+        return None
+    return out
+
+
+def _drop_empty(s: str) -> str:
+    """A union without its reversed pieces: in "(-1, -\\frac{7}{3}) \\cup (1, \\infty)" the first interval is
+    empty, as sympy (math-verify) reads it. Only inside a union: a lone "(2, 1)" may be a point."""
+    parts = _split_top(s, "\\cup")
+    if len(parts) < 2:
+        return s
+    keep = []
+    for part in parts:
+        e = _enclosed(part)
+        ends = _split_top(e[1]) if e is not None and e[0] != "{" else ()
+        lo, hi = (_real_number(x) for x in ends) if len(ends) == 2 else (None, None)
+        if lo is not None and hi is not None and (lo > hi or (lo == hi and (e[0], e[2]) != ("[", "]"))):
+            continue  # empty: reversed, or (a, a), [a, a), (a, a]
+        keep.append(part)
+    return " \\cup ".join(keep) if keep else s
+
+
+def _set_expr(s: str) -> list[_Piece] | None:
+    """A real set as merged pieces: what ``_real_set`` reads, also written ``x \\in S``, ``S \\setminus T``
+    or ``\\mathbb{R} - T`` (T a real set or a finite set of real numbers); None for anything else."""
+    m = _IN.match(s)
+    if m:
+        s = m.group(1).strip()
+    parts = _split_top(s, "\\setminus")
+    if len(parts) == 1:
+        for r in _REALS:
+            if _squash(s).startswith(_squash(r) + "-") and _squash(s) != _squash(r):
+                rest = s.strip()[len(r):].lstrip() if s.strip().startswith(r) else ""
+                parts = (r, rest[1:].strip()) if rest.startswith("-") else (s,)
+                break
+    if len(parts) > 2:
+        return None
+    if len(parts) == 1:
+        if _squash(s) in map(_squash, _REALS):
+            return [(-math.inf, False, math.inf, False)]
+        return _real_set(_drop_empty(s))
+    left, right = parts
+    pieces = [(-math.inf, False, math.inf, False)] if _squash(left) in map(_squash, _REALS) else _real_set(left)
+    if pieces is None:
+        return None
+    e = _enclosed(right)
+    if e is not None and e[0] == "{":
+        points = [_real_number(x) for x in _split_top(e[1])]
+        if not points or any(x is None or math.isinf(x) or math.isnan(x) for x in points):
+            return None
+        cuts: list[_Piece] = [(x, True, x, True) for x in points]  # type: ignore[misc]
+    else:
+        cuts = _real_set(right)  # type: ignore[assignment]
+        if cuts is None:
+            return None
+    for cut in cuts:
+        nxt: list[_Piece] = []
+        for piece in pieces:
+            rest = _minus(piece, cut)
+            if rest is None:
+                return None
+            nxt += rest
+        pieces = nxt
+    return _merge(pieces) if pieces else None
+
+
+def _complex_ends(s: str) -> bool:
+    """A union of intervals with a non-real end: "(-\\infty, -2i\\sqrt{2}) \\cup ..." (never a real set)."""
+    for part in _split_top(s, "\\cup"):
+        e = _enclosed(part)
+        if e is None or e[0] == "{":
+            continue
+        for end in _split_top(e[1]):
+            v = _value(end)
+            if v is not None and not v[1] and isinstance(v[0][0], complex) and abs(v[0][0].imag) > 1e-12:
+                return True
+    return False
+
+
+def _finite_reals(s: str) -> bool:
+    """A finite list of real numbers: "2", "\\pm \\frac{3}{4}", "\\frac{27}{16}, -\\frac{27}{16}"."""
+    items = _expand_pm(list(_split_top(s)))
+    return bool(items) and all(_enclosed(x) is None and _real_number(x) is not None for x in items)
+
+
+def _real_sets_differ(p: str, g: str) -> bool | None:
+    """False when both answers are real sets (unions of intervals, inequalities in one variable,
+    ``x \\in S``, ``S \\setminus T``) and the sets differ by more than rounding; when one is a real set
+    (not a lone bracket pair without an infinite end, which may be a point) and the other a finite list
+    of real numbers (a finite set is no interval); or when one is a real set and the other a union with
+    a non-real end. None otherwise: equal sets are left to math-verify."""
+    marks = [bool(re.search(r"[(\[<>]|\\[lg]e|\\setminus|\\mathbb", x)) for x in (p, g)]
+    if not any(marks):
+        return None
+    ps, gs = _set_expr(p) if marks[0] else None, _set_expr(g) if marks[1] else None
+    if (ps is None) != (gs is None):
+        known, src, other = (ps, p, g) if ps is not None else (gs, g, p)
+        lone = _enclosed(src.strip()) is not None and not re.search(r"\\cup|\\infty", src)  # "(1, 2)": a point too
+        if not lone and _finite_reals(other):
+            return False
+        if _complex_ends(other):
+            return False
+        return None
     if ps is None or gs is None:
         return None
 

@@ -90,7 +90,8 @@ def _brace_args(s: str, cmd: str, nargs: int) -> str:
 def _clean(s: str, thousands: bool = True) -> tuple[str, bool]:
     """Normalise an answer for comparison; returns (cleaned string keeping spaces, had a percent)."""
     s = s.strip().replace("\n", " ")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    s = re.sub(r"^\s*\\approx\s*", "", s)  # "\\approx 8.24 mph" is read as 8.24 by math-verify too
     s = s.replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
     s = re.sub(r"(?<=\d)(?:\{,\}|,\\!)(?=\d{3})", "", s).replace("{,}", ",")  # 20{,}000, 20,\!000
     s = _THIN.sub("", s)
