@@ -20,10 +20,12 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     logits (B, L, V), labels (B, L).
     """
-    z = logits[:, :-1, :].float()  # (B, L-1, V)
-    y = labels[:, 1:]  # (B, L-1)
+    # The labels are shifted, not the logits: logits[:, :-1] is a strided view whose reshape would copy
+    # all B x (L-1) x V of them (and again in backward); the last position gets target -100 instead.
+    z = logits.float()  # (B, L, V): no copy when already float32
+    y = torch.cat((labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)), 1)  # (B, L)
     nll = F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(y.shape)  # cross_entropy already gives 0 at ignored positions
+    return nll.view(y.shape)[:, :-1]  # (B, L-1); cross_entropy already gives 0 at ignored positions
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:

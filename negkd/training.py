@@ -158,12 +158,42 @@ def model_device(acc, device: str):
 
 
 def lm_loss(model, batch):
-    """Masked next-token NLL over the completion (labels -100 elsewhere)."""
+    """Masked next-token NLL over the completion (labels -100 elsewhere). The logits of the leading
+    positions no row trains on (the batch's shortest prompt) are never computed when the model's
+    forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
     from negkd.losses import masked_nll
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    loss = masked_nll(out.logits, batch["labels"])
+    labels = batch["labels"]
+    skip = first_target(labels) if keeps_logits(model) else 0
+    kw = {"logits_to_keep": labels.shape[1] - skip} if skip else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kw)
+    loss = masked_nll(out.logits, labels[:, skip:])  # logits (B, L - skip, V)
     return loss, {}
+
+
+def first_target(labels) -> int:
+    """Leading positions no row of ``labels`` (B, L) trains on: the first t whose next token is a target
+    in some row (0 when there is none)."""
+    from negkd.losses import IGNORE_INDEX
+
+    counted = (labels[:, 1:] != IGNORE_INDEX).any(0)  # (L-1,)
+    return int(counted.int().argmax()) if bool(counted.any()) else 0
+
+
+def keeps_logits(model) -> bool:
+    """Does the (possibly DDP / PEFT wrapped) model's forward take ``logits_to_keep``?"""
+    import inspect
+
+    import torch
+
+    m = model
+    while isinstance(getattr(m, "module", None), torch.nn.Module):
+        m = m.module  # DDP and accelerate wrappers
+    base = m.get_base_model() if hasattr(m, "get_base_model") else m
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def lm_weight(batch) -> Any:

@@ -191,3 +191,51 @@ def test_check_resume_refuses_without_touching_the_dir(tiny_model, setup, tmp_pa
     with pytest.raises(UserError, match="pass --resume"):
         check(resume=False, max_steps=6)
     assert {p: sha256_file(p) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_lm_loss_skips_prompt_logits_and_equals_the_full_computation(tiny_model, setup):
+    """lm_loss asks the model only for the logits from the batch's shortest prompt on; its loss and
+    gradients equal the plain masked NLL over the full logits."""
+    from negkd.data import Collator
+    from negkd.losses import masked_nll
+    from negkd.training import first_target, keeps_logits, lm_loss
+
+    tok, exs = setup
+    batch = Collator(tok.pad_token_id)(exs[:4])
+    skip = first_target(batch["labels"])
+    assert skip == min(e["n_prompt"] for e in exs[:4]) - 1 > 0
+    model = lora_model(tiny_model, dropout=0.0)
+    assert keeps_logits(model)
+    seen = []
+    hook = model.get_base_model().register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("logits_to_keep")),
+                                                            with_kwargs=True)
+    loss, _ = lm_loss(model, batch)
+    hook.remove()
+    assert seen == [batch["labels"].shape[1] - skip]
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    want = masked_nll(full, batch["labels"])
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_token_nll_shifts_labels_not_logits():
+    """token_nll: position t scores labels[t+1]; -100 positions are 0; the same values as slicing."""
+    import torch.nn.functional as F
+
+    from negkd.losses import token_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 1, 6], [-100, 2, 0, -100, 4]])
+    got = token_nll(logits, labels)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="none").view(2, 4)
+    assert got.shape == (2, 4)
+    torch.testing.assert_close(got, want)
+    assert got[0, 0] == 0 and got[1, 2] == 0
