@@ -169,3 +169,47 @@ def test_methods_this_negkd_lacks_are_named_not_dropped_silently():
         if m in missing:
             assert flag in missing[m]
     assert set(ok) | set(missing) == set(study.METHODS)
+
+
+def test_compare_world_runs_negkd_compare_on_every_seed_and_feeds_the_report(tmp_path, monkeypatch):
+    """study.compare_world links exactly the requested seeds' greedy test predictions and runs the real
+    `negkd compare` (in-process here); report_study reads its differences and overlap back."""
+    import report_study
+    import run
+
+    probs = [{"id": f"t{i}", "question": f"q{i}", "answer": str(i), "subject": "rare" if i % 2 else "common",
+              "level": 1 + i % 5} for i in range(40)]
+    rng = random.Random(0)
+    root = tmp_path / "w0"
+    solved = {}
+    for m, p_ok in (("cotkd", 0.3), ("neg", 0.6)):
+        for s in (0, 1, 2):
+            d = root / "full" / "exclusive" / f"seed{s}" / f"{m}-pred" / "eval-test"
+            d.mkdir(parents=True)
+            rows = []
+            for p in probs:
+                ok = rng.random() < p_ok
+                solved[(m, s, p["id"])] = ok
+                pred = p["answer"] if ok else "-1"
+                rows.append({**p, "candidates": [{"rationale": f"$\\boxed{{{pred}}}$", "pred": pred, "tokens": 3,
+                                                  "finished": True}], "votes": {"sc": pred}, "decoding": "greedy"})
+            (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "full" / "exclusive" / "seed3").mkdir()  # a seed that is not asked for is not compared
+    calls = []
+
+    def in_process(cmd, out=None, env=None, key=None):
+        calls.append(cmd)
+        r = CliRunner().invoke(app, [str(c) for c in cmd[1:]])
+        assert r.exit_code == 0, r.output
+
+    monkeypatch.setattr(run, "sh", in_process)
+    got = study.compare_world("exclusive", [0, 1, 2], {"root": root}, "full", ["cotkd", "neg", "nat"])
+    assert calls and calls[0][1] == "compare" and got.is_file()
+    cmp = json.loads(got.read_text())
+    assert cmp["sets"]["neg"]["seeds"] == 3 and cmp["reference"] == "cotkd"
+    rare = [p["id"] for p in probs if p["subject"] == "rare"]
+    want = 100 * sum(solved[("neg", s, i)] - solved[("cotkd", s, i)] for s in (0, 1, 2) for i in rare) / (3 * len(rare))
+    r = report_study.from_compare(cmp, "neg", "cotkd", "rare")
+    assert r["estimate"] == pytest.approx(want, abs=1e-3) and r["ci"][0] <= r["estimate"] <= r["ci"][1]
+    back = report_study.from_compare(cmp, "cotkd", "neg", "rare")
+    assert back["estimate"] == pytest.approx(-want, abs=1e-3) and back["ci"] == (-r["ci"][1], -r["ci"][0])

@@ -96,6 +96,9 @@ def collect(P: dict, tag: str, seeds: list[int], methods: list[str]) -> dict:
                     pts.append((int(ck.name.split("-")[1]), 100 * sum(c.values()) / len(c)))
             if pts:
                 data["curves"].setdefault(w, {})[m] = pts
+        cmp_file = root / w / "compare" / "compare.json"
+        if cmp_file.is_file():
+            data.setdefault("compare", {})[w] = json.loads(cmp_file.read_text())
         for m in ("nce", "cotkd"):
             for s in seeds:
                 mf = root / w / f"seed{s}" / f"vote-{m}" / "eval-test" / "metrics" / "metrics.json"
@@ -176,15 +179,39 @@ def verdict(r: dict, margin: float = 5.0) -> str:
     raise ValueError(r["predicted"])
 
 
+SECONDARY = (("nat", "cotkd_long"), ("nce", "nat"), ("nat", "cotkd"), ("natnull", "cotkd"), ("mix", "cotkd"),
+             ("nt", "cotkd"), ("ul", "cotkd"), ("neg", "cotkd"), ("cotkd", "gold"))
+
+
+def from_compare(cmp: dict, a: str, b: str, subject: str) -> dict | None:
+    """``a − b`` (accuracy points) on one subject from ``negkd compare``'s compare.json: estimate, its
+    hierarchical-bootstrap 95% CI and the sign-flip p (compare reports B − A for each pair (A, B))."""
+    for c in cmp.get("comparisons", []):
+        if {c["a"], c["b"]} != {a, b}:
+            continue
+        r = (c.get("by_subject", {}).get(subject) or {}).get("greedy")
+        if r is None:
+            return None
+        sign = 1 if c["b"] == a else -1
+        lo, hi = (100 * sign * x for x in r["ci"])
+        return {"estimate": 100 * sign * r["diff"], "ci": (min(lo, hi), max(lo, hi)), "p": r["p"], "reps": REPS,
+                "source": "compare"}
+    return None
+
+
 def secondary(data: dict, reps: int = REPS) -> list[dict]:
-    """Reported, not in the family: compute control, NCE on NAT, per world and subject."""
+    """Reported, not in the family: controls, NCE on NAT, each method against CoT-KD, per world and
+    subject. From ``negkd compare`` (compare.json) where the study ran it, else ``studystats``."""
     acc, probs = data["acc"], data["problems"]
     out = []
-    for a, b in (("nat", "cotkd_long"), ("nce", "nat"), ("nat", "cotkd"), ("neg", "cotkd"), ("cotkd", "gold")):
+    for a, b in SECONDARY:
         for w in WORLDS:
             if w in acc and a in acc[w] and b in acc[w]:
                 for subj in SUBJECTS:
-                    r = ss.hier_bootstrap(ss.diff, [matrix(acc[w][x], ids_of(probs, subj)) for x in (a, b)], reps)
+                    r = from_compare(data.get("compare", {}).get(w, {}), a, b, subj)
+                    if r is None:
+                        r = ss.hier_bootstrap(ss.diff, [matrix(acc[w][x], ids_of(probs, subj)) for x in (a, b)], reps)
+                        r["source"] = "bootstrap"
                     out.append({"test": f"{NAMES[a]} − {NAMES[b]}", "world": w, "subject": subj, **r})
     for w, per in data.get("vote_correct", {}).items():  # ASC - SC with each voting student, all test problems
         for m, rules in per.items():
@@ -361,15 +388,34 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
     sec = secondary(data, reps)
     if sec:
         L.append("## 4. Controls and secondary comparisons (not in the family; raw p)\n")
-        L.append("| comparison | world | subject | estimate | 95% CI | p |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("Source `compare`: `negkd compare` over the greedy test predictions (each seed a run; CI from its "
+                 "hierarchical bootstrap over seeds then problems, p from its paired sign-flip test over problems; "
+                 "`work/study/w*/TAG/WORLD/compare/compare.json`). Source `bootstrap`: `studystats.hier_bootstrap` "
+                 "(ASC − SC rows, or where compare did not run).\n")
+        L.append("| comparison | world | subject | estimate | 95% CI | p | source |")
+        L.append("|---|---|---|---|---|---|---|")
         for r in sec:
             L.append(f"| {r['test']} | {r['world']} | {r['subject']} | {r['estimate']:+.1f} | "
-                     f"[{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] | {fmt_p(r['p'], r['reps'])} |")
+                     f"[{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] | {fmt_p(r['p'], r['reps'])} | {r.get('source', 'bootstrap')} |")
         L.append("")
     ov = overlap(data)
+    cov = [(w, c) for w, cmp in data.get("compare", {}).items() for c in cmp.get("comparisons", [])
+           if {c["a"], c["b"]} == {"cotkd", "neg"} and "greedy" in c.get("overlap", {})]
+    if cov:
+        L.append("## 5. Do CoT-KD and neg-only solve different problems?\n")
+        L.append("All 300 test problems, from `negkd compare` (averaged over seed pairs; expected shared solves "
+                 "= P x pA x pB under independence):\n")
+        L.append("| world | seed pairs | both | CoT-KD only | neg-only only | neither | kappa | observed / expected both |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for w, c in cov:
+            o = c["overlap"]["greedy"]
+            only = {c["a"]: o["only_a"], c["b"]: o["only_b"]}
+            L.append(f"| {w} | {o['seed_pairs']} | {o['shared']:.1f} | {only['cotkd']:.1f} | {only['neg']:.1f} | "
+                     f"{o['neither']:.1f} | {o['kappa']:.2f} | {o['observed_over_expected']:.2f} |")
+        L.append("\nBy subject and level, pooled over seeds (`studystats`), with P(neg-only solves | CoT-KD fails):\n")
     if ov:
-        L.append("## 5. Do CoT-KD and neg-only solve different problems? (pooled over seeds)\n")
+        if not cov:
+            L.append("## 5. Do CoT-KD and neg-only solve different problems? (pooled over seeds)\n")
         L.append("| world | subject | level | (seed, problem) pairs | CoT-KD | neg-only | both | kappa | "
                  "observed / expected both | P(neg-only solves | CoT-KD fails) |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")

@@ -388,6 +388,29 @@ def asc(world: str, seed: int, P: dict, tag: str, methods: list[str]) -> None:
         run.eval_splits(pred, splits=("test",))
 
 
+def compare_world(world: str, seeds: list[int], P: dict, tag: str, methods: list[str]) -> Path | None:
+    """``negkd compare`` over every method's greedy test predictions in one world, each seed a run, CoT-KD
+    first (``--pairs all``): the per-method differences and the overlap statistics of RESULTS.md. The
+    runs are linked as ``compare-sets/METHOD/seedS.jsonl`` so that exactly ``seeds`` are compared."""
+    root = P["root"] / tag / world
+    have = [m for m in methods
+            if all((root / f"seed{s}" / f"{m}-pred" / "eval-test" / "predictions.jsonl").is_file() for s in seeds)]
+    if "cotkd" not in have or len(have) < 2:
+        return None
+    sets = root / "compare-sets"
+    for m in have:
+        (sets / m).mkdir(parents=True, exist_ok=True)
+        for old in (sets / m).glob("seed*.jsonl"):
+            old.unlink()  # links of another seed list
+        for s in seeds:
+            (sets / m / f"seed{s}.jsonl").symlink_to(root / f"seed{s}" / f"{m}-pred" / "eval-test" / "predictions.jsonl")
+    out = root / "compare"
+    order = ["cotkd"] + [m for m in have if m != "cotkd"]
+    run.sh([NEGKD, "compare", *[f"{m}={sets / m}/seed*.jsonl" for m in order], "-o", out, "--pairs", "all",
+            "--workers", 1], out, key=f"compare seeds={seeds} methods={order}")
+    return out / "compare.json"
+
+
 def main(argv=None) -> None:
     global ASC_TRAIN
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -424,6 +447,8 @@ def main(argv=None) -> None:
     for s in seeds:
         for w in args.worlds.split(","):
             run_world_seed(w, s, args.steps, P, args.tag, methods, curves=not args.no_curves)
+    for w in args.worlds.split(","):
+        compare_world(w, seeds, P, args.tag, methods)
     if not args.no_asc:  # one chain per seed, JOBS side by side
         jobs = [(w, s) for s in seeds for w in args.asc_worlds.split(",")]
         with ThreadPoolExecutor(run.JOBS) as ex:
