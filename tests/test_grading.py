@@ -349,6 +349,7 @@ def test_fast_path_real_set_rules(pred, gold, want):
     ("\\cfrac{29}{19}", "\\frac{29}{19}", True),
     ("8.18", "\\approx 8.24 \\text{ mph}", False),
     ("8.24", "\\approx 8.24 \\text{ mph}", True),
+    ("(2\\cos 60^\\circ, 1)", "(3,-1)", False),  # degrees inside a tuple's entry: 1 vs 3
 ])
 def test_fast_path_agrees_with_math_verify_on_more_forms(pred, gold, want):
     assert grading.fast_equivalent(pred, gold) is want

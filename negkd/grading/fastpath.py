@@ -83,7 +83,9 @@ def _scalar(p: str, ppct: bool, g: str, gpct: bool, depth: int = 0) -> bool | No
         return pd.lstrip("0").upper() == gd.lstrip("0").upper()
     pv, gv = _value(p), _value(g)
     if pv is None or gv is None:
-        return _words(p, g)
+        w = _words(p, g)
+        # a tuple's entry like "\\cos^2 10^\\circ": degrees next to a trig function (top level: fast_equivalent)
+        return _degrees_differ(p, g) if w is None and depth and not (ppct or gpct) else w
     (pvals, pvars), (gvals, gvars) = pv, gv
     if pvars != gvars and (_has_word(p) or _has_word(g)):
         return None  # "5 cm" is not 5*c*m
