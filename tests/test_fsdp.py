@@ -91,6 +91,9 @@ def test_fsdp_runs_equal_a_single_process_run(root, tiny_model, neg1):
     fsdp([*nce, "-o", str(root / "nce-f")], root)
     assert_same(root / "nce-f", root / "nce-1", "adapter_model.safetensors")
     assert len((root / "nce-f" / "calibration.jsonl").read_text().splitlines()) == 32
+    # 3 steps x 16 rows over 32 examples: step 3 is epoch 2, where every process knows every beta
+    passes = json.loads((root / "nce-f" / "manifest.json").read_text())["neg_passes"]
+    assert passes == {"run": 2, "beta_reused": 1}
 
 
 def test_fsdp_resume_and_token_budget(root, tiny_model):

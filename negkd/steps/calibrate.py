@@ -76,17 +76,11 @@ class NCEObjective:
     def _skip(self, labels) -> int:
         """Leading positions no row of the batch trains on (the shortest prompt): their logits are
         never computed, in any of the three passes, when the model supports ``logits_to_keep``."""
-        import inspect
-
-        from negkd import nce
+        from negkd.training import first_target, keeps_logits
 
         if self._keep_ok is None:
-            fwd = self.model.get_base_model().forward
-            self._keep_ok = "logits_to_keep" in inspect.signature(fwd).parameters
-        counted = (labels[:, 1:] != nce.IGNORE_INDEX).any(0)  # (L-1,)
-        if not self._keep_ok or not bool(counted.any()):
-            return 0
-        return int(counted.int().argmax())  # first position whose next token is a target
+            self._keep_ok = keeps_logits(self.model)
+        return first_target(labels) if self._keep_ok else 0
 
     def _forward(self, model, input_ids, attention_mask, skip: int):
         kw = {"logits_to_keep": input_ids.shape[1] - skip} if skip else {}
@@ -99,16 +93,41 @@ class NCEObjective:
             self._cache[int(r["idx"])] = (float(r["beta"]), float(r["kl"]))
 
     def _cached(self, idx, device):
-        """(beta (B,), kl (B,)) float32 when every row of the micro-batch has them, else None."""
+        """(beta (B,), kl (B,)) float32 when every row of the micro-batch has them, else None. Under
+        several processes only when every process's rows have them: each process must run the same
+        forwards (FSDP gathers parameters inside each one), so all skip the Neg-LoRA pass or none."""
         import torch
 
-        if idx is None:
-            return None
-        rows = [self._cache.get(int(i)) for i in idx.tolist()]
-        if any(r is None for r in rows):
+        rows = None if idx is None else [self._cache.get(int(i)) for i in idx.tolist()]
+        hit = rows is not None and all(r is not None for r in rows)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([0 if hit else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            hit = hit and int(flag.item()) == 0
+        if not hit:
             return None
         t = torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 2)
         return t[:, 0].contiguous(), t[:, 1].contiguous()
+
+    def _remember(self, idx, beta, kl) -> None:
+        """Keep each row's (beta, kl); under several processes every process keeps every process's rows,
+        so an example seen by another process in epoch 1 is a hit here in epoch 2."""
+        import torch
+
+        rows = torch.stack([idx.to(beta.device, torch.float64), beta.double(), kl.double()], 1)  # (B, 3)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            n = torch.tensor([rows.shape[0]], device=rows.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            pad = torch.full((int(n.item()), 3), -1.0, dtype=torch.float64, device=rows.device)
+            pad[: rows.shape[0]] = rows  # idx -1: padding
+            parts = [torch.empty_like(pad) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, pad)
+            rows = torch.cat(parts)
+        for i, b_, k_ in rows.tolist():
+            if i >= 0:
+                self._cache[int(i)] = (b_, k_)
 
     # -- teacher -----------------------------------------------------------------
     def teacher(self, input_ids, attention_mask, labels, skip: int = 0, idx=None):
@@ -142,8 +161,7 @@ class NCEObjective:
                     beta = torch.tanh(kl)  # eq. (1); 0 for a row without targets
                     self.neg_passes += 1
                     if idx is not None:
-                        for i, b_, k_ in zip(idx.tolist(), beta.tolist(), kl.tolist()):
-                            self._cache[int(i)] = (b_, k_)
+                        self._remember(idx, beta, kl)
                 else:
                     kl = beta = torch.zeros(input_ids.shape[0], device=z_nat.device)
                 p_nat = nce.teacher_probs(z_nat, self.temperature)  # (B, L-1, V) float32
@@ -545,7 +563,8 @@ def _train(run, acc, meta_nat, nat_dir, base, mopts, dopts, cfg, la, rows, golds
         run.record_output(f.name)
     scratch.rmdir()
     extra: dict[str, Any] = {}
-    if nce_args["calibration"]:
+    if nce_args["calibration"]:  # this process's micro-batches: Neg-LoRA pass run, or beta reused
+        extra["neg_passes"] = {"run": objective.neg_passes, "beta_reused": objective.cached_batches}
         recs = merge_records(out, out / CALIBRATION if resume else None)
         run.write_jsonl(CALIBRATION, recs)
         if recs:
