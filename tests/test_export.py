@@ -222,7 +222,12 @@ def test_trl_dpo_trainer_runs_on_an_export(runner, tmp_path, tiny_model):
                      learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                      max_length=64)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    res = trainer.train()
+    try:
+        res = trainer.train()
+    finally:  # TRL's Trainer leaves accelerate's process-wide state behind (DPOConfig: bf16 mixed precision);
+        from accelerate.state import AcceleratorState  # later in-process negkd runs would inherit it
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert res.global_step == 2
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(x == x for x in losses)
