@@ -291,11 +291,10 @@ def check_dir(path: Path) -> dict:
     cfg_path = p / CONFIG
     if not cfg_path.is_file():
         raise UserError(f"--ranker {p}: not a ranker directory (no {CONFIG}); train one with `negkd train-ranker`")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    from negkd.io import read_json
+
+    cfg = read_json(cfg_path, dict, fix="train a ranker with `negkd train-ranker`")
+    if cfg.get("format") != FORMAT:
         raise UserError(f"{cfg_path}: not a negkd ranker config (format {cfg.get('format')!r})")
     for need in (HEAD, f"{ADAPTER}/adapter_config.json"):
         if not (p / need).is_file():

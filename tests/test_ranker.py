@@ -297,3 +297,14 @@ def test_ranker_under_a_token_budget_counts_a_pair_as_two_rows(trained, tmp_path
     a, b = read_jsonl(out / "metrics.jsonl"), read_jsonl(budget_out / "metrics.jsonl")
     assert [h["step"] for h in a] == [h["step"] for h in b]
     assert [h["tokens"] for h in a] == [h["tokens"] for h in b]  # the same pairs in every step
+
+
+@pytest.mark.parametrize("text, want", [("[1, 2]", "expected a JSON dict, got list"), ("{oops", "not a valid UTF-8 JSON"),
+                                        ('{"format": "other"}', "not a negkd ranker config")])
+def test_damaged_ranker_json_is_a_one_line_error(tmp_path, text, want):
+    from negkd.errors import UserError
+    from negkd.ranker import CONFIG, check_dir
+
+    (tmp_path / CONFIG).write_text(text)
+    with pytest.raises(UserError, match=want):
+        check_dir(tmp_path)
