@@ -20,20 +20,19 @@ training step keeps per adapted layer, x (the layer input) included where the la
 
 Targets (issue 15) at 4,096 width: NAT (new) <= 1.3x LoRA time and <= 1.3x LoRA saved bytes.
 
-Measured (2-core shared CPU, 1 thread, 512 tokens, 3 repeats; saved bytes against LoRA with a
-CUDA-style bool mask), 4,096 width: float32 LoRA 451 ms / 10.0 MiB, old unit 1.48x / 5.77x,
-new 1.44x / 1.20x (forced h0-saved: 1.14x / 2.00x); bfloat16 LoRA 217 ms, old 2.16x / 5.77x,
-new 1.44x / 1.20x. Bytes are met; time is not at 512 tokens: in float32 the W0 pass that
-replaces the saved h0 costs 2 d_g / tokens of a base matmul (a quarter of LoRA's step here,
-less with more tokens per step), and on this CPU the unit's float32 matmuls are slow beside a
-bfloat16 base.
+Measured (2-core CPU, idle, 1 thread, 3 repeats; saved bytes against LoRA with a CUDA-style bool
+mask), 4,096 width. At 512 tokens: float32 LoRA 431 ms / 10.0 MiB, old unit 1.48x / 5.77x, new
+1.52x / 1.20x (forced h0-saved: 1.19x / 2.00x); bfloat16 LoRA 213 ms, old 2.08x / 5.77x, new
+1.52x / 1.20x. At 2,048 tokens (a 2k-token row, or 4 x 512): float32 LoRA 1,814 ms / 40 MiB, new
+1.28x / 1.20x (h0 saved 1.24x / 2.00x); bfloat16 LoRA 1,048 ms, new 1.31x / 1.20x.
 
-The time target cannot be met at 512 tokens with the bytes target also met, by arithmetic: without a
-saved h0, W_1/W_K's gradient needs one pass of W0 over their 2 d_g rows, 2 d_g / tokens = 0.5 of a base
-matmul here, while LoRA's whole step is about two base matmuls (forward, dx), so the floor is ~1.25x
-before the unit's own work. The pass shrinks with tokens per micro-batch; at 2,048 tokens (a 2k-token
-row, or 4 x 512), measured the same way on the same loaded machine: float32 LoRA 1,890 ms / 40 MiB,
-new 1.27x / 1.20x (h0 saved 1.19x / 2.00x): both targets met.
+The float32 time target cannot be met at 512 tokens with the bytes target also met, by arithmetic:
+without a saved h0, W_1/W_K's gradient needs one pass of W0 over their 2 d_g rows, 2 d_g / tokens = 0.5
+of a base matmul here, while LoRA's whole step is about two base matmuls (forward, dx), so the floor is
+~1.25x before the unit's own work; saving h0 instead doubles the bytes. The pass shrinks with tokens
+per micro-batch: at 2,048 tokens float32 meets both targets. Under a bfloat16 base h0 is saved (2
+bytes) and no W0 pass runs, so the bfloat16 gap is not FLOPs (the unit adds under 10% of the base's);
+it has not been profiled yet.
 """
 
 from __future__ import annotations

@@ -42,11 +42,11 @@ Targets (issue 15): NAT step <= 1.25x CoT-KD; NCE step <= 1.5x the SFT (CoT-KD) 
 its peak memory (RSS on CPU; on CUDA peak allocated GPU memory). Peak RSS is reset after the
 model is loaded (``/proc/self/clear_refs``), so it is the step's peak with the weights resident.
 
-Measured (2-core shared CPU, 1 thread, 2 layers, vocab 8000, batch 2 x 256, 3 steps): CoT-KD
-2.95 s / 1242 MB, NAT 1.08x / 1.01x, NCE 1.92x / 1.07x in its first epoch, 1.42x / 1.02x from the
-second on (nce-e2). NCE's two no-grad teacher passes take 2.94 s, as long as the student's whole step
-(2.74 s): one forward costs about half a LoRA step, so two teacher forwards cannot fit in 0.5x of
-one; once beta is known per example only the NAT pass remains (1.53 s).
+Measured (2-core CPU, idle, 1 thread, 2 layers, vocab 8000, batch 2 x 256, 3 steps): CoT-KD
+3.28 s / 1231 MB, NAT 0.90x / 1.00x, NCE 1.96x / 1.05x in its first epoch, 1.21x / 1.03x from the
+second on (nce-e2). NCE's two no-grad teacher passes take 3.35 s, as long as the student's whole step
+(3.07 s): one forward costs about half a LoRA step, so two teacher forwards cannot fit in 0.5x of
+one; once beta is known per example only the NAT pass remains (1.38 s).
 """
 
 from __future__ import annotations
