@@ -20,22 +20,23 @@ training step keeps per adapted layer, x (the layer input) included where the la
 
 Targets (issue 15) at 4,096 width: NAT (new) <= 1.3x LoRA time and <= 1.3x LoRA saved bytes.
 
-Measured (2-core CPU, idle, 1 thread, 3 repeats; saved bytes against LoRA with a CUDA-style bool
-mask), 4,096 width. At 512 tokens: float32 LoRA 431 ms / 10.0 MiB, old unit 1.48x / 5.77x, new
-1.52x / 1.20x (forced h0-saved: 1.19x / 2.00x); bfloat16 LoRA 213 ms, old 2.08x / 5.77x, new
-1.52x / 1.20x. At 2,048 tokens (a 2k-token row, or 4 x 512): float32 LoRA 1,814 ms / 40 MiB, new
-1.28x / 1.20x (h0 saved 1.24x / 2.00x); bfloat16 LoRA 1,048 ms, new 1.31x / 1.20x.
+Measured (2-core CPU, 1 thread, 3 repeats; saved bytes against LoRA with a CUDA-style bool mask),
+4,096 width. float32, idle: at 512 tokens LoRA 431 ms / 10.0 MiB, old unit 1.48x / 5.77x, new
+1.52x / 1.20x (forced h0-saved: 1.19x / 2.00x); at 2,048 tokens (a 2k-token row, or 4 x 512) LoRA
+1,814 ms / 40 MiB, new 1.28x / 1.20x (h0 saved 1.24x / 2.00x). bfloat16, with the unit's output-wide
+products in bfloat16 (a loaded machine: both rows shared it): at 512 tokens LoRA 274 ms, old 1.90x /
+5.77x, new 1.19x / 1.29x; at 2,048 tokens new 1.19x / 1.21x (the h0-saved and W0 variants 1.04-1.08x).
+Before that change (idle): bfloat16 new 1.52x at 512 tokens, 1.31x at 2,048.
 
 The float32 time target cannot be met at 512 tokens with the bytes target also met, by arithmetic:
 without a saved h0, W_1/W_K's gradient needs one pass of W0 over their 2 d_g rows, 2 d_g / tokens = 0.5
 of a base matmul here, while LoRA's whole step is about two base matmuls (forward, dx), so the floor is
 ~1.25x before the unit's own work; saving h0 instead doubles the bytes. The pass shrinks with tokens
 per micro-batch: at 2,048 tokens float32 meets both targets. Under a bfloat16 base h0 is saved (2
-bytes) and no W0 pass runs; the bfloat16 gap is the unit's output-wide matmuls (W_1/W_K over h0, W_2,
-and their backward: ~2.4 GFLOP at 512 tokens against the base's 34), which run in float32 like PEFT's
-adapter math. torch.profiler, 512 tokens: matmul time 209 ms (LoRA) vs 258 ms (NAT) per step, since this
-CPU's float32 matmuls run ~3x slower per FLOP than its bfloat16 ones. Running them in the base dtype
-would close the gap at a cost in the gate's precision; not done.
+bytes) and no W0 pass runs. There the gap was the unit's output-wide matmuls (W_1/W_K over h0, W_2,
+and their backward: ~2.4 GFLOP at 512 tokens against the base's 34) in float32, which this CPU runs
+~3x slower per FLOP than bfloat16 (torch.profiler: matmul time 209 ms for LoRA vs 258 ms for NAT per
+step). They now run in the base's dtype with float32 weights and gradients, as mixed precision does.
 """
 
 from __future__ import annotations

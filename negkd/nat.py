@@ -21,8 +21,12 @@ in their own dtype and the bool dropout mask (a float32 ``nn.Linear`` base with 
 rebuilds W_1/W_K's gradient through W0 instead of keeping h0; ``_OutProj``).
 
 ``s = alpha / r`` per branch. ``B_pos`` and ``W_2`` start at zero, so a fresh unit is a no-op
-(``y = h0``). No biases in the unit (the equations have none). The adapter computes in the
-adapter's dtype (float32) and returns the base layer's dtype; softmax is float32.
+(``y = h0``). No biases in the unit (the equations have none). The adapter's weights are float32
+and it returns the base layer's dtype; softmax is float32. Its rank- and d_g-wide math runs in
+float32; the output-wide matmuls (W_1 and W_K over h0, W_2 back to the output width, and their
+backward) run in the base's dtype when that is bfloat16/float16, as mixed-precision training does
+(float32 weights and gradients, half-precision products): in float32 they cost a fifth of a LoRA
+layer's step on a bfloat16 base (bench/nat_width.py).
 
 Modes (``set_mode``), per layer, switchable at any time (e.g. between teacher passes):
 
@@ -199,6 +203,8 @@ class NATLinear(nn.Module):
             z_p = _InProj.apply(x, mask, p, 0, Ap)  # (..., r_pos)
             u_p = _OutProj.apply(h0, *self._h0_source(x, h0), W1) + F.linear(z_p, self.pos_scale * (W1 @ Bp))  # (..., d_g)
             mix = F.gelu(u_p)
+        if _half(h0):  # the output-wide W_2 product in the base's dtype (module doc)
+            return h0 + F.linear(mix.to(h0.dtype), self.lora_gate_w2.weight.to(h0.dtype))  # (..., out)
         return h0.to(dt) + self.lora_gate_w2(mix)  # (..., out)
 
     def _h0_source(self, x: torch.Tensor, h0: torch.Tensor) -> tuple:
@@ -304,7 +310,10 @@ class _OutProj(torch.autograd.Function):
         else:
             ctx.save_for_backward(None, x, w0, b, *ws)
         ctx.h0_dtype = h0.dtype
-        return F.linear(h0.to(ws[0].dtype), torch.cat(ws) if len(ws) > 1 else ws[0])
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]
+        if _half(h0):  # half-precision base: the product in its dtype, the result in the weights' (module doc)
+            return F.linear(h0, w.to(h0.dtype)).to(w.dtype)
+        return F.linear(h0.to(w.dtype), w)
 
     @staticmethod
     def backward(ctx, g):
@@ -312,7 +321,9 @@ class _OutProj(torch.autograd.Function):
         dt = ws[0].dtype
         g2 = g.reshape(-1, g.shape[-1])  # (N, rows)
         if any(ctx.needs_input_grad[4:]):
-            if x is None:
+            if x is None and _half(h0):
+                dw = (g2.to(h0.dtype).t() @ h0.reshape(-1, h0.shape[-1])).to(dt)  # (rows, out)
+            elif x is None:
                 dw = g2.t() @ h0.to(dt).reshape(-1, h0.shape[-1])  # (rows, out)
             else:
                 dw = F.linear(g2.t() @ x.to(dt).reshape(-1, x.shape[-1]), w0.to(dt))  # (rows, in) @ w0^T -> (rows, out)
@@ -325,8 +336,14 @@ class _OutProj(torch.autograd.Function):
             start += r
         dh = None
         if ctx.needs_input_grad[0]:
-            dh = (g @ (torch.cat(ws) if len(ws) > 1 else ws[0])).to(ctx.h0_dtype)
+            w = torch.cat(ws) if len(ws) > 1 else ws[0]
+            half = ctx.h0_dtype in (torch.bfloat16, torch.float16)
+            dh = (g.to(ctx.h0_dtype) @ w.to(ctx.h0_dtype)) if half else (g @ w).to(ctx.h0_dtype)
         return (dh, None, None, None, *dws)
+
+
+def _half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _weight_device(layer: nn.Module) -> torch.device:

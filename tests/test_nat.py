@@ -439,3 +439,38 @@ def test_lean_unit_on_a_4bit_base_matches_its_dequantized_weight():
     r = torch.autograd.grad((ref * R).sum(), [x, ref_layer.lora_gate_w1.weight, ref_layer.lora_A_pos.weight])
     for a, b in zip(g, r):  # bitsandbytes' own backward for dx rounds differently: tolerance on the scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["nat", "pos-only"])
+def test_half_precision_base_computes_output_wide_products_in_its_dtype(mode, monkeypatch):
+    """Under a bfloat16 base the unit's output-wide matmuls run in bfloat16 (mixed precision): the
+    output and every float32 weight gradient match the float32 equation to bfloat16 rounding, and
+    the gradients stay float32."""
+    _, L = _lean_layer(d_in=64, d_out=48)
+    L.mode = mode
+    with torch.no_grad():  # gate scores of order 1, not saturated: q and k get real gradients
+        L.lora_gate_q.weight.mul_(0.05)
+        L.lora_gate_k.weight.mul_(0.05)
+    x32 = torch.randn(2, 16, 64, requires_grad=True)
+    trainable = [p for p in L.parameters() if p.requires_grad]
+    R = torch.randn(2, 16, 48)
+    ref = _plain_unit(L, x32, None, mode)
+    ref_g = torch.autograd.grad((ref * R).sum(), trainable, allow_unused=True)
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(nat.F, "linear", lambda a, w, *r: calls.append((a.shape[-1], w.shape[0], a.dtype)) or
+                        real(a, w, *r))
+    L.base_layer.to(torch.bfloat16)
+    x = x32.detach().to(torch.bfloat16).requires_grad_()
+    y = L(x)
+    assert y.dtype == torch.bfloat16
+    assert (48, 2 * 6 if mode == "nat" else 6, torch.bfloat16) in calls  # W_1 (and W_K) over h0 in bf16
+    assert (6, 48, torch.bfloat16) in calls  # W_2 back to the output width in bf16
+    g = torch.autograd.grad((y.float() * R).sum(), trainable, allow_unused=True)
+    torch.testing.assert_close(y.float(), ref.detach(), rtol=0, atol=0.03 * float(ref.detach().abs().max()))
+    for a, b in zip(g, ref_g):
+        if b is None:  # pos-only: the gate's q and k are not used
+            assert a is None or float(a.abs().max()) == 0
+            continue
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0.03 * float(b.abs().max()))
