@@ -328,7 +328,7 @@ def _minus(piece: _Piece, cut: _Piece) -> list[_Piece] | None:
     if hi > b:  # the part above it
         if lo > b:
             return [piece]
-        out.append((b, lc and not bc) + (hi, hc) if lo == b else (b, not bc, hi, hc))
+        out.append((b, lc and not bc, hi, hc) if lo == b else (b, not bc, hi, hc))
     elif hi == b and hc and not bc:
         return None
     return out
@@ -425,7 +425,7 @@ def _real_sets_differ(p: str, g: str) -> bool | None:
         return None
     ps, gs = _set_expr(p) if marks[0] else None, _set_expr(g) if marks[1] else None
     if (ps is None) != (gs is None):
-        known, src, other = (ps, p, g) if ps is not None else (gs, g, p)
+        src, other = (p, g) if ps is not None else (g, p)
         lone = _enclosed(src.strip()) is not None and not re.search(r"\\cup|\\infty", src)  # "(1, 2)": a point too
         if not lone and _finite_reals(other):
             return False
