@@ -203,7 +203,7 @@ class NATLinear(nn.Module):
             z_p = _InProj.apply(x, mask, p, 0, Ap)  # (..., r_pos)
             u_p = _OutProj.apply(h0, *self._h0_source(x, h0), W1) + F.linear(z_p, self.pos_scale * (W1 @ Bp))  # (..., d_g)
             mix = F.gelu(u_p)
-        if _half(h0):  # the output-wide W_2 product in the base's dtype (module doc)
+        if _half(h0.dtype):  # the output-wide W_2 product in the base's dtype (module doc)
             return h0 + F.linear(mix.to(h0.dtype), self.lora_gate_w2.weight.to(h0.dtype))  # (..., out)
         return h0.to(dt) + self.lora_gate_w2(mix)  # (..., out)
 
@@ -311,7 +311,7 @@ class _OutProj(torch.autograd.Function):
             ctx.save_for_backward(None, x, w0, b, *ws)
         ctx.h0_dtype = h0.dtype
         w = torch.cat(ws) if len(ws) > 1 else ws[0]
-        if _half(h0):  # half-precision base: the product in its dtype, the result in the weights' (module doc)
+        if _half(h0.dtype):  # half-precision base: the product in its dtype, the result in the weights' (module doc)
             return F.linear(h0, w.to(h0.dtype)).to(w.dtype)
         return F.linear(h0.to(w.dtype), w)
 
@@ -321,7 +321,7 @@ class _OutProj(torch.autograd.Function):
         dt = ws[0].dtype
         g2 = g.reshape(-1, g.shape[-1])  # (N, rows)
         if any(ctx.needs_input_grad[4:]):
-            if x is None and _half(h0):
+            if x is None and _half(h0.dtype):
                 dw = (g2.to(h0.dtype).t() @ h0.reshape(-1, h0.shape[-1])).to(dt)  # (rows, out)
             elif x is None:
                 dw = g2.t() @ h0.to(dt).reshape(-1, h0.shape[-1])  # (rows, out)
@@ -337,13 +337,12 @@ class _OutProj(torch.autograd.Function):
         dh = None
         if ctx.needs_input_grad[0]:
             w = torch.cat(ws) if len(ws) > 1 else ws[0]
-            half = ctx.h0_dtype in (torch.bfloat16, torch.float16)
-            dh = (g.to(ctx.h0_dtype) @ w.to(ctx.h0_dtype)) if half else (g @ w).to(ctx.h0_dtype)
+            dh = (g.to(ctx.h0_dtype) @ w.to(ctx.h0_dtype)) if _half(ctx.h0_dtype) else (g @ w).to(ctx.h0_dtype)
         return (dh, None, None, None, *dws)
 
 
-def _half(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.bfloat16, torch.float16)
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def _weight_device(layer: nn.Module) -> torch.device:

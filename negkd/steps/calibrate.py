@@ -43,6 +43,14 @@ PART = ".calibration.part-{rank}.jsonl"  # per-process append-only records while
 # ---------------------------------------------------------------------------- the objective
 
 
+def _peers():
+    """``torch.distributed`` when this process has peers (an initialized group of 2 or more), else None."""
+    import torch
+
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
 class NCEObjective:
     """``loss_fn(model, batch)`` for ``training.fit`` plus ``metrics(model)`` for its ``metrics_fn``.
 
@@ -100,8 +108,8 @@ class NCEObjective:
 
         rows = None if idx is None else [self._cache.get(int(i)) for i in idx.tolist()]
         hit = rows is not None and all(r is not None for r in rows)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist = _peers()
+        if dist is not None:
             flag = torch.tensor([0 if hit else 1], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             hit = hit and int(flag.item()) == 0
@@ -116,8 +124,8 @@ class NCEObjective:
         import torch
 
         rows = torch.stack([idx.to(beta.device, torch.float64), beta.double(), kl.double()], 1)  # (B, 3)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist = _peers()
+        if dist is not None:
             n = torch.tensor([rows.shape[0]], device=rows.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             pad = torch.full((int(n.item()), 3), -1.0, dtype=torch.float64, device=rows.device)
