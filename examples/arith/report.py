@@ -353,13 +353,14 @@ def write(tag: str, seeds: list[int], lrs: dict, lr_source: str, best: str, wall
     if ("asc:1+s", "sc", "test") in verdicts:
         L.append(say("asc:1+s", "sc", "test", "ASC beats SC?"))
     L.append("")
-    L.append("## Exact commands\n")
-    L.append("```")
-    L += [c.replace(str(HERE) + "/", "") for c in log]
-    L.append("```")
-    out = out or HERE / "RESULTS-v1.md"
+    return save(out or HERE / "RESULTS-v1.md", "\n".join(L) + "\n", log)
+
+
+def save(out: Path, text: str, log: list[str]) -> Path:
+    """``text`` plus an "Exact commands" block (paths relative to this folder), written atomically."""
+    text += "## Exact commands\n\n```\n" + "".join(c.replace(str(HERE) + "/", "") + "\n" for c in log) + "```\n"
     tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(L) + "\n")
+    tmp.write_text(text)
     tmp.replace(out)
     print(f"wrote {out}")
     return out

@@ -466,13 +466,9 @@ def write(P: dict, tag: str, seeds: list[int], S: int, methods: list[str], missi
               "Pre-registration: README.md (committed before any result).\n"]
     # only the study itself (tag full) writes the committed RESULTS.md; a quick smoke stays in work/
     out = out or (HERE / "RESULTS.md" if tag == "full" else P["root"] / tag / "RESULTS.md")
-    text = build(data, out.parent, header, missing)
-    text += "## Exact commands\n\n```\n" + "\n".join(c.replace(str(HERE) + "/", "") for c in log) + "\n```\n"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(f"wrote {out}")
-    return out
+    import report
+
+    return report.save(out, build(data, out.parent, header, missing), log)
 
 
 def main(argv=None) -> None:
