@@ -399,10 +399,15 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     splits = make_splits(args.seed)
     for name, recs in splits.items():
-        tmp = args.out / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-        tmp.replace(args.out / f"{name}.jsonl")
+        write_split(args.out, name, recs)
         print(f"{name}: {len(recs)} problems")
+
+
+def write_split(out: Path, name: str, recs: list[dict]) -> None:
+    """``out/NAME.jsonl``, one problem per line, written atomically (a temporary file, then a rename)."""
+    tmp = out / f".{name}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    tmp.replace(out / f"{name}.jsonl")
 
 
 if __name__ == "__main__":

@@ -353,9 +353,7 @@ def main(argv=None) -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     for name, recs in make_world_splits(args.world_seed).items():
-        tmp = args.out / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-        tmp.replace(args.out / f"{name}.jsonl")
+        arithgen.write_split(args.out, name, recs)
         print(f"{name}: {len(recs)} problems ({sum(r['subject'] == 'rare' for r in recs)} rare-skill)")
 
 
