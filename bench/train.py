@@ -235,14 +235,6 @@ def nat_overhead(lora, natm, exs, collate, args) -> dict:
 # ---------------------------------------------------------------- whole model, 1B shape (issue 15)
 
 WM_VARIANTS = ("cot-kd", "nat", "nce", "nce-e2")  # nce-e2: an NCE step once every example's beta is known
-WM_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def wm_worker(a) -> dict:
@@ -251,10 +243,12 @@ def wm_worker(a) -> dict:
 
     import torch
 
+    sys.path.insert(0, str(REPO / "bench"))
+    # bench/calibrate.py (stdlib imports only): random ids with the prompt quarter masked, the LoRA, RSS reader
+    from calibrate import LA, _status_kb, batches  # noqa: E402
+
     rss_import = _status_kb("VmRSS")
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(REPO / "bench"))
-    from calibrate import batches  # noqa: E402  (bench/calibrate.py: random ids, prompt quarter masked)
 
     from negkd import lora, nat
     from negkd.modeling import load_model
@@ -268,7 +262,7 @@ def wm_worker(a) -> dict:
     with torch.no_grad():  # out of the safetensors memory map: each process counts its weights once
         for prm in model.parameters():
             prm.data = prm.data.clone()
-    la = WM_LORA
+    la = LA
     gates = False
     if a.wm_worker == "cot-kd":
         student, loss_fn = lora.attach_lora(model, la["r"], la["alpha"], la["dropout"], la["target_modules"]), lm_loss
