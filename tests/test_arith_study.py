@@ -3,6 +3,7 @@ process, the study statistics (hierarchical bootstrap, DiD, Holm, kappa). No tor
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -330,3 +331,23 @@ def test_teacher_url_serves_either_teacher_and_stops_after_the_block(tmp_path):
                 assert r.status == 200
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"{url}/models", timeout=2)
+
+
+def test_busy_time_is_the_union_of_step_intervals_and_counts_sittings(tmp_path):
+    import report_study
+
+    def step(name, start, secs):
+        d = tmp_path / name
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"started_at": f"2026-12-04T{start}+00:00", "wall_time_s": secs}))
+
+    step("a", "10:00:00", 600)  # 10:00-10:10
+    step("b", "10:05:00", 600)  # 10:05-10:15, overlaps a: together 15 min
+    step("b/pred", "10:15:00", 60)  # touches b's end: 16 min
+    step("c", "12:00:00", 120)  # after a 1h45 gap: a second sitting, 2 min
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "manifest.json").write_text("{}")  # not a step's manifest: ignored
+    busy, sittings = report_study.busy_time(tmp_path)
+    assert busy == pytest.approx(18 * 60) and sittings == 2
+    assert report_study.busy_time(tmp_path, gap_s=3 * 3600) == (pytest.approx(18 * 60), 1)
+    assert report_study.busy_time(tmp_path / "nothing") == (0.0, 0)

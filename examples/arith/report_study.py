@@ -445,6 +445,33 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
     return "\n".join(L) + "\n"
 
 
+def busy_time(root: Path, gap_s: float = 300.0) -> tuple[float, int]:
+    """Seconds during which some step of the study was computing, and the number of sittings it took.
+
+    Every negkd step writes ``started_at`` and ``wall_time_s`` into its ``manifest.json``; the union of
+    those intervals over every manifest under ``root`` is the study's compute time, whatever pauses or
+    sessions lay between (the time from the first start counts those too). A gap longer than ``gap_s``
+    between intervals starts a new sitting."""
+    spans = []
+    for f in root.rglob("manifest.json"):
+        try:
+            m = json.loads(f.read_text())
+            t0 = datetime.datetime.fromisoformat(m["started_at"]).timestamp()
+            spans.append((t0, t0 + float(m["wall_time_s"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a negkd step's manifest
+    busy, sittings, end = 0.0, 0, None
+    for a, b in sorted(spans):
+        if end is None or a > end + gap_s:
+            sittings += 1
+        if end is None or a > end:
+            busy += b - a
+        elif b > end:
+            busy += b - end
+        end = b if end is None else max(end, b)
+    return busy, sittings
+
+
 def _versions() -> str:
     import report
 
@@ -456,10 +483,12 @@ def write(P: dict, tag: str, seeds: list[int], S: int, methods: list[str], missi
     import study
 
     data = collect(P, tag, seeds, methods)
+    busy, sittings = busy_time(P["root"] / tag)
     header = [f"# Worlds study — results ({tag}: world seed {P['root'].name[1:]}, {len(seeds)} seed(s))\n",
               f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `python study.py "
-              f"{' '.join(argv)}`; wall time {wall / 60:.1f} min from the first start of this tag, on {os.cpu_count()} "
-              f"CPU cores (load average {os.getloadavg()[1]:.1f}). Versions: {_versions()}.\n",
+              f"{' '.join(argv)}`; compute time {busy / 60:.0f} min in {sittings} sitting(s) (the union of every step's "
+              f"run interval, from the manifests), {wall / 60:.0f} min from the first start of this tag to this report; "
+              f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[1]:.1f}). Versions: {_versions()}.\n",
               f"Budget: S = {S} optimizer steps x batch {study.TRAIN['batch']} per method (CoT-KD-long 2S; NAT and "
               f"NAT-null after an S-step Neg-LoRA; NAT+NCE after NAT), lr {study.LR:g}, LoRA r={study.TRAIN['lora_r']} "
               f"all-linear, d_g = {study.GATE_DIM}; teacher {study.TEACHER_N} samples per training problem. "
@@ -481,8 +510,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=400, help="S of the runs (for the header)")
     args = ap.parse_args(argv)
     methods, missing = study.available_methods(study.METHODS)
-    write(study.paths(args.world_seed), args.tag, [int(s) for s in args.seeds.split(",")], args.steps, methods,
-          missing, float("nan"), [], argv or [])
+    P = study.paths(args.world_seed)
+    started = P["root"] / args.tag / ".started"
+    wall = datetime.datetime.now().timestamp() - float(started.read_text()) if started.is_file() else float("nan")
+    write(P, args.tag, [int(s) for s in args.seeds.split(",")], args.steps, methods, missing, wall, [], argv or [])
 
 
 if __name__ == "__main__":
