@@ -142,7 +142,9 @@ def family(data: dict, reps: int = REPS) -> list[dict]:
         label = f"DiD {NAMES[m]} − {NAMES[b]}, rare"
         if have("exclusive", m, b) and have("control", m, b):
             mats = [matrix(acc[w][x], rare) for w in WORLDS for x in (m, b)]
-            rows.append({"id": name, "test": label, "predicted": pred, **ss.hier_bootstrap(ss.did, mats, reps)})
+            parts = (ss.diff(*mats[:2]), ss.diff(*mats[2:]))  # (exclusive, control) differences
+            rows.append({"id": name, "test": label, "predicted": pred, "parts": parts,
+                         **ss.hier_bootstrap(ss.did, mats, reps)})
         else:
             rows.append({"id": name, "test": label, "predicted": pred, "not_run": True})
     if have("exclusive", "nat", "natnull"):
@@ -371,14 +373,16 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
     rows = family(data, reps)
     L.append("## 3. Pre-registered tests\n")
     L.append(f"Hierarchical bootstrap ({reps} replicates: seeds, then problems), two-sided p, Holm across the "
-             "family; decision rules in the README.\n")
-    L.append("| # | test | predicted | estimate | 95% CI | p | p (Holm) | verdict |")
-    L.append("|---|---|---|---|---|---|---|---|")
+             "family; decision rules in the README. A DiD is the difference of two per-world differences; the "
+             "column *exclusive − control* shows which world carries it.\n")
+    L.append("| # | test | predicted | estimate | exclusive − control | 95% CI | p | p (Holm) | verdict |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        parts = f"{r['parts'][0]:+.1f} − ({r['parts'][1]:+.1f})" if "parts" in r else ""
         if r.get("not_run"):
-            L.append(f"| {r['id']} | {r['test']} | {r['predicted']} | not run | | | | |")
+            L.append(f"| {r['id']} | {r['test']} | {r['predicted']} | not run | | | | | |")
         else:
-            L.append(f"| {r['id']} | {r['test']} | {r['predicted']} | {r['estimate']:+.1f} | "
+            L.append(f"| {r['id']} | {r['test']} | {r['predicted']} | {r['estimate']:+.1f} | {parts} | "
                      f"[{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] | {fmt_p(r['p'], r['reps'])} | {fmt_p(r['p_holm'], r['reps'], r['p'] == 0)} | "
                      f"{r['verdict']} |")
     L.append("")
