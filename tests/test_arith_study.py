@@ -279,7 +279,7 @@ def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
     assert "| H1 | DiD NAT − CoT-KD, rare | >0 |" in text and "holds" in text
     assert "| NT | - | not run: no --nt here |" in text
     assert "| exclusive | 30 | 70 | 30.0% | 2.100 | 1.050 |" in text
-    assert "`asc@N[1+s]`" in text and "`sc@N`" in text
+    assert "`asc@N[1+s]`" in text and "`sc@N`" in text and "(`sc@N` is `sc@8`)" in text
     asc = next(r for r in report_study.secondary(data, reps=200) if r["test"].startswith("NAT+NCE: asc:1+s"))
     solved = sum(sum(b.values()) for b in data["vote_correct"]["exclusive"]["nce"]["sc"])
     assert asc["estimate"] == pytest.approx(100 * (1 - solved / (3 * 60)))

@@ -429,7 +429,10 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
         L.append("")
     if data["votes"]:
         L.append("## 6. SC vs ASC (ranker trained on the NAT student's own samples)\n")
-        L.append("Rows as `negkd eval` names them; accuracy % on every test problem, mean ± std over seeds.\n")
+        import run
+
+        L.append(f"Rows as `negkd eval` names them, N = {run.VOTE_N} samples per problem at temperature 0.7 (`sc@N` "
+                 f"is `sc@{run.VOTE_N}`); accuracy % on every test problem, mean ± std over seeds.\n")
         keys = sorted({k for w in data["votes"] for m in data["votes"][w] for row in data["votes"][w][m] for k in row})
         keys = [k for k in keys if k.startswith(("sc@", "asc@", "maj@", "pass@N", "first"))]
         L.append("| world | student | " + " | ".join(f"`{k}`" for k in keys) + " |")
