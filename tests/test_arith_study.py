@@ -273,6 +273,8 @@ def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
     assert h1["verdict"] == "holds" and h1["p_holm"] >= h1["p"]
     assert h1["parts"] == (pytest.approx(h1["estimate"]), 0.0)  # all of it in the exclusive world
     assert f"| {h1['estimate']:+.1f} | {h1['estimate']:+.1f} − (+0.0) |" in text
+    assert f"- DiD NAT − CoT-KD, rare: exclusive {h1['estimate']:+.1f}, control +0.0; 0% from the control world." in text
+    assert "- DiD MIX − CoT-KD, rare: exclusive +0.0, control +0.0; both differences are 0." in text
     assert rows["DiD MIX − CoT-KD, rare"]["estimate"] == 0 and rows["DiD MIX − CoT-KD, rare"]["verdict"].startswith("fails")
     assert rows["DiD NT − CoT-KD, rare"]["not_run"]
     assert rows["NAT − CoT-KD, common, control"]["estimate"] == 0

@@ -386,6 +386,18 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
                      f"[{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] | {fmt_p(r['p'], r['reps'])} | {fmt_p(r['p_holm'], r['reps'], r['p'] == 0)} | "
                      f"{r['verdict']} |")
     L.append("")
+    carried = [r for r in rows if "parts" in r and not r.get("not_run")]
+    if carried:
+        L.append("Which world carries each DiD (a world's share = |its difference| / (|exclusive| + |control|)). "
+                 "A positive DiD shows that negatives help where only they teach the rare skill only when the "
+                 "exclusive-world difference is itself positive. When the control world carries it, the method "
+                 "loses less in exclusive than in control, which is not a gain:\n")
+        for r in carried:
+            ex, co = r["parts"]
+            tot = abs(ex) + abs(co)
+            share = f"{abs(co) / tot:.0%} from the control world" if tot else "both differences are 0"
+            L.append(f"- {r['test']}: exclusive {ex:+.1f}, control {co:+.1f}; {share}.")
+        L.append("")
     if any(not r.get("not_run") for r in rows):
         plot_did(rows, out_dir / "did.png")
         L.append("![pre-registered estimates](did.png)\n")
