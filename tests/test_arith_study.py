@@ -257,7 +257,14 @@ def _synthetic_study(effect: int):
             "curves": {w: {"cotkd": [(10, 20.0), (20, 30.0)], "nat": [(10, 25.0), (20, 35.0)]} for w in ("exclusive", "control")},
             "votes": {"exclusive": {"nce": [{"sc@N": 0.5, "asc@N[1+s]": 0.55}]}},
             "vote_correct": {"exclusive": {"nce": {"sc": [dict(b) for b in base],
-                                                   "asc:1+s": [{i: True for i in ids} for _ in seeds]}}}}
+                                                   "asc:1+s": [{i: True for i in ids} for _ in seeds]}}},
+            "rankers": {"exclusive": [{"seed": 0, "questions": 6, "positives": 50, "negatives": 40, "train_questions": 55,
+                                       "pairwise_accuracy": 0.61, "auc": 0.72, "mean_score_pos": 0.52,
+                                       "mean_score_neg": 0.47, "before_training": {"pairwise_accuracy": 0.5, "auc": 0.49}}]},
+            "vote_changes": {"exclusive": {"nce": [{"problems": 300, "changed": 60, "tied": 58, "sc_right": 3,
+                                                    "asc_right": 5},
+                                                   {"problems": 300, "changed": 10, "tied": 10, "sc_right": 1,
+                                                    "asc_right": 0}]}}}
 
 
 def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
@@ -282,6 +289,8 @@ def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
     assert "| NT | - | not run: no --nt here |" in text
     assert "| exclusive | 30 | 70 | 30.0% | 2.100 | 1.050 |" in text
     assert "`asc@N[1+s]`" in text and "`sc@N`" in text and "(`sc@N` is `sc@8`)" in text
+    assert "| exclusive | 0 | 55 | 6 | 50 / 40 | 0.50 → 0.61 | 0.49 → 0.72 | 0.520 / 0.470 |" in text
+    assert "| exclusive | NAT+NCE | 600 | 70 | 68 | 4 | 5 |" in text
     asc = next(r for r in report_study.secondary(data, reps=200) if r["test"].startswith("NAT+NCE: asc:1+s"))
     solved = sum(sum(b.values()) for b in data["vote_correct"]["exclusive"]["nce"]["sc"])
     assert asc["estimate"] == pytest.approx(100 * (1 - solved / (3 * 60)))
@@ -289,6 +298,33 @@ def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     none = report_study.family(_synthetic_study(effect=0), reps=200)
     assert next(r for r in none if r["id"] == "H1")["verdict"] == "fails (not significant)"
+
+
+def test_vote_changes_counts_disagreements_ties_and_who_was_right():
+    import report_study
+
+    def row(i, sc, asc, preds):
+        return {"id": i, "votes": {"sc": sc, "asc:1+s": asc}, "candidates": [{"pred": p} for p in preds]}
+
+    records = [row("a", "1", "1", ["1", "1", "2"]),          # same answer: not counted
+               row("b", "1", "2", ["1", "2", None, None]),   # a 1-1 tie (unparsed candidates ignored), ASC right
+               row("c", "3", "4", ["3", "3", "4"]),          # a margin the ranker overturned, SC right
+               row("d", "5", "6", ["5", "5", "6", "7"])]      # differs; top two counts 2 vs 1: not a tie
+    sc_right = {"a": True, "b": False, "c": True, "d": False}
+    asc_right = {"a": True, "b": True, "c": False, "d": False}
+    got = report_study.vote_changes(records, sc_right, asc_right, "asc:1+s")
+    assert got == {"problems": 4, "changed": 3, "tied": 1, "sc_right": 1, "asc_right": 1}
+
+
+def test_since_started_reads_the_tag_stamp(tmp_path):
+    import math
+    import time
+
+    import report_study
+
+    assert math.isnan(report_study.since_started(tmp_path))
+    (tmp_path / ".started").write_text(str(time.time() - 600))
+    assert 599 <= report_study.since_started(tmp_path) < 700
 
 
 def test_rare_demo_counter():

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,10 @@ def collect(P: dict, tag: str, seeds: list[int], methods: list[str]) -> dict:
         cmp_file = root / w / "compare" / "compare.json"
         if cmp_file.is_file():
             data.setdefault("compare", {})[w] = json.loads(cmp_file.read_text())
+        for s in seeds:  # the ASC ranker's held-out quality, as train-ranker measured it
+            rm = root / w / f"seed{s}" / "ranker" / "manifest.json"
+            if rm.is_file() and "val" in (man := json.loads(rm.read_text())):
+                data.setdefault("rankers", {}).setdefault(w, []).append({"seed": s, **man["val"]})
         for m in ("nce", "cotkd"):
             for s in seeds:
                 mf = root / w / f"seed{s}" / f"vote-{m}" / "eval-test" / "metrics" / "metrics.json"
@@ -111,7 +116,31 @@ def collect(P: dict, tag: str, seeds: list[int], methods: list[str]) -> dict:
                     per = data.setdefault("vote_correct", {}).setdefault(w, {}).setdefault(m, {})
                     for rule in rules:
                         per.setdefault(rule, []).append(correct_map_rule(pred, rule))
+                    if "asc:1+s" in rules:
+                        records = [json.loads(line) for line in pred.open()]
+                        data.setdefault("vote_changes", {}).setdefault(w, {}).setdefault(m, []).append(
+                            vote_changes(records, per["sc"][-1], per["asc:1+s"][-1], "asc:1+s"))
     return data
+
+
+def vote_changes(records: list[dict], sc_right: dict[str, bool], asc_right: dict[str, bool], rule: str) -> dict:
+    """Where ASC (``rule``) picks a different answer than SC: how many problems, how many of them had a tie
+    at the top of SC's count (so the ranker only broke the tie), and how often each vote was right there.
+
+    ``records``: ``negkd infer --ranker`` rows (``votes`` per rule, ``candidates`` with ``pred``);
+    ``sc_right`` / ``asc_right``: problem id -> the vote's answer is correct (graded as the report grades)."""
+    out = {"problems": len(records), "changed": 0, "tied": 0, "sc_right": 0, "asc_right": 0}
+    for r in records:
+        votes = r.get("votes") or {}
+        if votes.get(rule) == votes.get("sc"):
+            continue
+        out["changed"] += 1
+        counts = Counter(c["pred"] for c in r.get("candidates") or [] if c.get("pred") is not None)
+        top = [n for _, n in counts.most_common(2)]
+        out["tied"] += len(top) == 2 and top[0] == top[1]
+        out["sc_right"] += sc_right[r["id"]]
+        out["asc_right"] += asc_right[r["id"]]
+    return out
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -453,6 +482,8 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
             for m, rows_ in per.items():
                 L.append(f"| {w} | {NAMES[m]} | " + " | ".join(_ms([100 * r[k] for r in rows_ if k in r]) for k in keys) + " |")
         L.append("")
+        L += ranker_table(data.get("rankers", {}))
+        L += vote_change_table(data.get("vote_changes", {}))
     if data["curves"]:
         plot_curves(data["curves"], out_dir / "curves.png")
         L.append("## 7. Learning curves (val, seed 0)\n")
@@ -462,6 +493,45 @@ def build(data: dict, out_dir: Path, header: list[str], missing: dict, reps: int
                 L.append(f"- {w}, {NAMES[m]}: " + ", ".join(f"{s}: {a:.0f}%" for s, a in sorted(pts)))
         L.append("")
     return "\n".join(L) + "\n"
+
+
+def ranker_table(rankers: dict) -> list[str]:
+    """Markdown lines: each ASC ranker's quality on its own held-out questions (``train-ranker``'s val split),
+    before and after training, and its mean score of right and of wrong samples."""
+    if not rankers:
+        return []
+    L = ["The rankers on their held-out questions (`negkd train-ranker`'s val split of the NAT samples; "
+         "pairwise accuracy over (right, wrong) pairs of one question, AUC over all samples pooled; "
+         "before → after training):\n",
+         "| world | seed | train questions | val questions | val right / wrong | pairwise accuracy | AUC | "
+         "mean score right / wrong |",
+         "|---|---|---|---|---|---|---|---|"]
+    for w, rows in rankers.items():
+        for r in rows:
+            b = r.get("before_training", {})
+            L.append(f"| {w} | {r['seed']} | {r.get('train_questions', '-')} | {r['questions']} | "
+                     f"{r['positives']} / {r['negatives']} | {b.get('pairwise_accuracy', float('nan')):.2f} → "
+                     f"{r['pairwise_accuracy']:.2f} | {b.get('auc', float('nan')):.2f} → {r['auc']:.2f} | "
+                     f"{r['mean_score_pos']:.3f} / {r['mean_score_neg']:.3f} |")
+    L.append("")
+    return L
+
+
+def vote_change_table(changes: dict) -> list[str]:
+    """Markdown lines: per student, the problems where ASC (w = 1 + s) and SC disagree, summed over seeds."""
+    if not changes:
+        return []
+    L = ["Where ASC (`asc:1+s`) picks a different answer than SC, summed over seeds (a tie: SC's two most "
+         "frequent answers had the same count, so the ranker only broke the tie):\n",
+         "| world | student | problems x seeds | ASC answer ≠ SC answer | of them ties | SC right there | ASC right there |",
+         "|---|---|---|---|---|---|---|"]
+    for w, per in changes.items():
+        for m, rows in per.items():
+            t = {k: sum(r[k] for r in rows) for k in rows[0]}
+            L.append(f"| {w} | {NAMES[m]} | {t['problems']} | {t['changed']} | {t['tied']} | {t['sc_right']} | "
+                     f"{t['asc_right']} |")
+    L.append("")
+    return L
 
 
 def busy_time(root: Path, gap_s: float = 300.0) -> tuple[float, int]:
@@ -489,6 +559,12 @@ def busy_time(root: Path, gap_s: float = 300.0) -> tuple[float, int]:
             busy += b - end
         end = b if end is None else max(end, b)
     return busy, sittings
+
+
+def since_started(tag_root: Path) -> float:
+    """Seconds from the first start of a tag (``study.py`` writes ``TAG/.started`` once) to now; nan if unknown."""
+    started = tag_root / ".started"
+    return datetime.datetime.now().timestamp() - float(started.read_text()) if started.is_file() else float("nan")
 
 
 def _versions() -> str:
@@ -530,8 +606,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     methods, missing = study.available_methods(study.METHODS)
     P = study.paths(args.world_seed)
-    started = P["root"] / args.tag / ".started"
-    wall = datetime.datetime.now().timestamp() - float(started.read_text()) if started.is_file() else float("nan")
+    wall = since_started(P["root"] / args.tag)
     write(P, args.tag, [int(s) for s in args.seeds.split(",")], args.steps, methods, missing, wall, [], argv or [])
 
 

@@ -457,8 +457,8 @@ def main(argv=None) -> None:
     if not args.no_report:
         import report_study
 
-        wall = time.time() - float(started.read_text())
-        report_study.write(P, args.tag, seeds, args.steps, methods, missing, wall, run.LOG,
+        report_study.write(P, args.tag, seeds, args.steps, methods, missing,
+                           report_study.since_started(P["root"] / args.tag), run.LOG,
                            argv if argv is not None else sys.argv[1:])
 
 
