@@ -301,7 +301,7 @@ def test_report_builds_tables_verdicts_and_plots_from_synthetic_runs(tmp_path):
 
 
 def test_vote_changes_counts_disagreements_ties_and_who_was_right():
-    import report_study
+    import study_runs
 
     def row(i, sc, asc, preds):
         return {"id": i, "votes": {"sc": sc, "asc:1+s": asc}, "candidates": [{"pred": p} for p in preds]}
@@ -312,7 +312,7 @@ def test_vote_changes_counts_disagreements_ties_and_who_was_right():
                row("d", "5", "6", ["5", "5", "6", "7"])]      # differs; top two counts 2 vs 1: not a tie
     sc_right = {"a": True, "b": False, "c": True, "d": False}
     asc_right = {"a": True, "b": True, "c": False, "d": False}
-    got = report_study.vote_changes(records, sc_right, asc_right, "asc:1+s")
+    got = study_runs.vote_changes(records, sc_right, asc_right, "asc:1+s")
     assert got == {"problems": 4, "changed": 3, "tied": 1, "sc_right": 1, "asc_right": 1}
 
 
@@ -320,19 +320,19 @@ def test_since_started_reads_the_tag_stamp(tmp_path):
     import math
     import time
 
-    import report_study
+    import study_runs
 
-    assert math.isnan(report_study.since_started(tmp_path))
+    assert math.isnan(study_runs.since_started(tmp_path))
     (tmp_path / ".started").write_text(str(time.time() - 600))
-    assert 599 <= report_study.since_started(tmp_path) < 700
+    assert 599 <= study_runs.since_started(tmp_path) < 700
 
 
 def test_rare_demo_counter():
-    import report_study
+    import study_runs
 
     text = "Ann trades at the market: 3 * 14 - 2 = 40.\nBob trades at the market: 3 * 5 - 2 = 12.\n" \
            "Cid trades at the market: 2 * 5 - 2 = 8.\nDee trades at the market: 3 * -1 - 2 = -5."
-    assert report_study.count_rare_demos(text) == 2
+    assert study_runs.count_rare_demos(text) == 2
 
 
 def test_teacher_server_serves_the_study_teacher_for_rare_questions():
@@ -374,7 +374,7 @@ def test_teacher_url_serves_either_teacher_and_stops_after_the_block(tmp_path):
 
 
 def test_busy_time_is_the_union_of_step_intervals_and_counts_sittings(tmp_path):
-    import report_study
+    import study_runs
 
     def step(name, start, secs):
         d = tmp_path / name
@@ -387,7 +387,7 @@ def test_busy_time_is_the_union_of_step_intervals_and_counts_sittings(tmp_path):
     step("c", "12:00:00", 120)  # after a 1h45 gap: a second sitting, 2 min
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "manifest.json").write_text("{}")  # not a step's manifest: ignored
-    busy, sittings = report_study.busy_time(tmp_path)
+    busy, sittings = study_runs.busy_time(tmp_path)
     assert busy == pytest.approx(18 * 60) and sittings == 2
-    assert report_study.busy_time(tmp_path, gap_s=3 * 3600) == (pytest.approx(18 * 60), 1)
-    assert report_study.busy_time(tmp_path / "nothing") == (0.0, 0)
+    assert study_runs.busy_time(tmp_path, gap_s=3 * 3600) == (pytest.approx(18 * 60), 1)
+    assert study_runs.busy_time(tmp_path / "nothing") == (0.0, 0)

@@ -456,9 +456,10 @@ def main(argv=None) -> None:
                 f.result()
     if not args.no_report:
         import report_study
+        import study_runs
 
         report_study.write(P, args.tag, seeds, args.steps, methods, missing,
-                           report_study.since_started(P["root"] / args.tag), run.LOG,
+                           study_runs.since_started(P["root"] / args.tag), run.LOG,
                            argv if argv is not None else sys.argv[1:])
 
 
