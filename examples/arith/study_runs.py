@@ -11,13 +11,11 @@ import datetime
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-WORLDS = ("exclusive", "control")
+from worlds import WORLDS  # noqa: E402
 RARE_DEMO = re.compile(r"at the market: (\d+) \* (-?\d+) - (\d+) = (-?\d+)")
 
 
@@ -96,12 +94,12 @@ def collect(P: dict, tag: str, seeds: list[int], methods: list[str]) -> dict:
                     rows = {k: v for k, v in res["overall"].items() if isinstance(v, float)}
                     data["votes"].setdefault(w, {}).setdefault(m, []).append(rows)
                     pred = mf.parents[2] / "predictions.jsonl"
-                    rules = sorted({k for line in pred.open() for k in (json.loads(line).get("votes") or {})})
+                    records = [json.loads(line) for line in pred.open()]
+                    rules = sorted({k for r in records for k in (r.get("votes") or {})})
                     per = data.setdefault("vote_correct", {}).setdefault(w, {}).setdefault(m, {})
                     for rule in rules:
                         per.setdefault(rule, []).append(correct_map_rule(pred, rule))
                     if "asc:1+s" in rules:
-                        records = [json.loads(line) for line in pred.open()]
                         data.setdefault("vote_changes", {}).setdefault(w, {}).setdefault(m, []).append(
                             vote_changes(records, per["sc"][-1], per["asc:1+s"][-1], "asc:1+s"))
     return data
@@ -113,15 +111,16 @@ def vote_changes(records: list[dict], sc_right: dict[str, bool], asc_right: dict
 
     ``records``: ``negkd infer --ranker`` rows (``votes`` per rule, ``candidates`` with ``pred``);
     ``sc_right`` / ``asc_right``: problem id -> the vote's answer is correct (graded as the report grades).
-    Ties are counted on the candidates' ``pred`` strings (integers in this study, one string per value)."""
+    SC's count is ``negkd.voting.tally``'s, the grouping of equivalent answers that infer's vote uses."""
+    from negkd.voting import tally
+
     out = {"problems": len(records), "changed": 0, "tied": 0, "sc_right": 0, "asc_right": 0}
     for r in records:
         votes = r.get("votes") or {}
         if votes.get(rule) == votes.get("sc"):
             continue
         out["changed"] += 1
-        counts = Counter(c["pred"] for c in r.get("candidates") or [] if c.get("pred") is not None)
-        top = [n for _, n in counts.most_common(2)]
+        top = sorted((n for _, n, _ in tally([c.get("pred") for c in r.get("candidates") or []])), reverse=True)[:2]
         out["tied"] += len(top) == 2 and top[0] == top[1]
         out["sc_right"] += sc_right[r["id"]]
         out["asc_right"] += asc_right[r["id"]]
